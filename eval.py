@@ -1,0 +1,32 @@
+r"""Evaluate the newest checkpoint in a workdir with its config.
+
+  python eval.py --config configs/mae/digits.py --workdir workdirs/mae_digits
+  python eval.py --config configs/classification/digits_finetune.py --workdir workdirs/digits_ft
+
+MAE: reconstruction loss on the eval split and a PNG (masked / reconstruction / paste /
+original) under workdir/images; classifier: top-1 accuracy.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a python config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Training workdir (or a checkpoint directory).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from segjax import runtime
+
+    runtime.setup()
+    from segjax import evaluate
+
+    metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    logging.info("eval metrics: %s", metrics)
+    print("eval:", " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+
+if __name__ == "__main__":
+    app.run(main)

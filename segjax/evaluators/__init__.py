@@ -1,0 +1,1 @@
+"""Evaluators: reconstruction (MAE) and classification metrics, pictures."""

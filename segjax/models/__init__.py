@@ -1,0 +1,60 @@
+"""Model registry: one plain dict `name -> builder(**overrides) -> nn.Module`.
+
+Each builder's keyword arguments are the module's fields; checkpoints record the
+builder name and the overrides, so `build(name, **kwargs)` rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+
+from segjax.models.classifier import VisionTransformer
+from segjax.models.mae import MAE
+
+_VIT = {
+    # name: (patch, width, depth, heads)
+    "tiny": dict(patch_size=4, embed_dim=64, depth=4, num_heads=4),
+    "b16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "l16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "h14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+_MAE_DECODER = {
+    "tiny": dict(decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, img_size=32),
+    # He et al.: 512 wide, 8 blocks, 16 heads for B, L and H
+    "b16": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "l16": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "h14": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+}
+
+
+def _builder(cls, **defaults):
+    def build(**overrides) -> nn.Module:
+        return cls(**{**defaults, **overrides})
+
+    build.defaults = defaults
+    return build
+
+
+MODELS = {}
+for _name, _vit in _VIT.items():
+    _img = {"img_size": 32} if _name == "tiny" else {}
+    MODELS[f"mae_vit_{_name}"] = _builder(MAE, **_vit, **_MAE_DECODER[_name])
+    MODELS[f"vit_{_name}"] = _builder(VisionTransformer, **_vit, **_img)
+
+
+def build(name: str, **overrides) -> nn.Module:
+    """Builds a registered model; unknown names and fields fail with the valid choices."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    builder = MODELS[name]
+    fields = set(builder(**{}).__dataclass_fields__) - {"parent", "name"}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"model {name!r} has no field(s) {sorted(unknown)}; fields: {sorted(fields)}")
+    return builder(**overrides)
+
+
+__all__ = ["MODELS", "build", "MAE", "VisionTransformer"]
+_ = functools

@@ -1,0 +1,129 @@
+"""The only module that turns logical axis names into `NamedSharding`s.
+
+Model code names parameter and activation axes logically (`batch`, `length`, `embed`,
+`mlp`, `heads`, ...); a config declares the mesh (`mesh`: axis name -> size, -1 for
+"the remaining devices") and the rules (logical name -> mesh axis or axes). Rules are
+applied in order and each mesh axis is used at most once per array, so listing
+`batch` first keeps activations sharded on the batch under FSDP while parameters shard
+their `embed` axis over `fsdp`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+PyTree = Any
+Rules = Sequence[tuple[str, Any]]
+
+# Data parallel over `data`, parameters and optimizer state sharded over `fsdp`
+# (ZeRO-3 style), tensor parallel over `model` for the MLP and attention heads.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("decoder_embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("length", None),
+)
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh with Auto axes; one size may be -1 (takes the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = list(shape), list(shape.values())
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
+                         f"have {len(devices)}")
+    # jax.make_mesh builds Explicit axes by default now; the pjit path wants Auto.
+    return jax.make_mesh(tuple(sizes), tuple(names), axis_types=(AxisType.Auto,) * len(names),
+                         devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules) -> P:
+    """Maps one array's logical axis names to a PartitionSpec on `mesh`.
+
+    A mesh axis is used at most once per array; a dimension that the mesh axes do not
+    divide stays replicated (so tiny variants run on any mesh).
+    """
+    used: set[str] = set()
+    out: list[Any] = [None] * len(names)
+    for logical, mesh_axes in rules:
+        if mesh_axes is None:
+            continue
+        axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        for i, name in enumerate(names):
+            if name != logical or out[i] is not None:
+                continue
+            free = tuple(a for a in axes if a in mesh.shape and a not in used)
+            # drop trailing axes until the product divides the dimension
+            while free and shape[i] % math.prod(mesh.shape[a] for a in free):
+                free = free[:-1]
+            free = tuple(a for a in free if mesh.shape[a] > 1)
+            if free:
+                out[i] = free[0] if len(free) == 1 else free
+                used.update(free)
+    return P(*out)
+
+
+def shardings_from_boxed(abstract_boxed: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
+    """NamedShardings for a (possibly) logically-boxed abstract pytree.
+
+    `abstract_boxed` is `jax.eval_shape` of a flax init; unboxed leaves replicate.
+    """
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return NamedSharding(mesh, logical_to_spec(leaf.names, leaf.value.shape, mesh, rules))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map(one, abstract_boxed,
+                                  is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of the leading (batch) axis of every input array."""
+    axes = dict(rules).get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.shape)
+    return NamedSharding(mesh, P(axes if axes else None))
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+    spec = batch_sharding(mesh, rules).spec[0]
+    if spec is None:
+        return 1
+    axes = (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def global_batch_from_local(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Assembles per-process numpy batches into global jax Arrays on `sharding`."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def describe(shardings: PyTree) -> str:
+    """One line per sharded leaf (for logs)."""
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    lines = [f"{jax.tree_util.keystr(p)}: {s.spec}" for p, s in flat if any(s.spec)]
+    return "\n".join(lines) if lines else "(all replicated)"

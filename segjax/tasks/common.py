@@ -1,0 +1,60 @@
+"""Pieces shared by the image tasks: model building, loaders, global-batch eval."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segjax import models
+from segjax.data import pipeline
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config, **extra):
+    """The registry model from `config.model` with `config.compute_dtype` compute.
+
+    Parameters stay float32 (master weights) under bfloat16 compute.
+    """
+    dtype = config.get("compute_dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return models.build(config.model.name, **dict(config.model.get("kwargs", {})), **extra,
+                        dtype=DTYPES[dtype])
+
+
+def image_size(config) -> int:
+    return int(config.model.kwargs.get("img_size") or models.MODELS[config.model.name].defaults.get(
+        "img_size", 224))
+
+
+def make_loader(config, split: str, process_index: int, process_count: int, train: bool = True):
+    d = config.data
+    return pipeline.Loader(
+        pipeline.make_source(d.name, split, d.get("data_dir")),
+        global_batch=config.batch_size, seed=config.seed, image_size=image_size(config),
+        train=train, random_resized_crop_scale=d.get("random_resized_crop_scale"),
+        hflip=d.get("hflip", False), process_index=process_index, process_count=process_count)
+
+
+def eval_batches(config, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size, padded eval batches (with 'valid') for this process."""
+    d = config.data
+    return pipeline.eval_batches(
+        pipeline.make_source(d.name, split, d.get("data_dir")), batch_size=batch_size,
+        image_size=image_size(config), process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+
+def run_eval(trainer, params, fn: Callable, split: str, batch_size: int) -> dict[str, float]:
+    """Sums `fn(params, batch) -> dict of per-example sums` over a split, globally."""
+    step = jax.jit(fn, in_shardings=(trainer.param_shardings, trainer.batch_sharding))
+    totals: dict[str, float] = {}
+    for batch in eval_batches(trainer.config, split, batch_size):
+        out = jax.device_get(step(params, trainer.put_batch(batch)))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return totals
