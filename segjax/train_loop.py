@@ -8,6 +8,7 @@ sharded from the logical axis names, and the batch is sharded over `batch` rules
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -226,7 +227,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
     progress = _progress(start, trainer.total_steps, is_main)
     t0, compile_logged = time.time(), False
-    for step, local_batch in loader.iterate(start, trainer.total_steps):
+    batches = loader.iterate(start)
+    for step, local_batch in itertools.islice(batches, max(trainer.total_steps - start, 0)):
         batch = trainer.put_batch(local_batch)
         with trainer.mesh:
             state, metrics = trainer.train_step(state, batch)
@@ -254,6 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             eval_metrics = task.evaluate(trainer, state["params"], workdir, done, writer)
             writer.scalars({f"eval/{k}": v for k, v in eval_metrics.items()}, done)
             last.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+    batches.close()
     progress.close()
     ckpt.close()
     writer.close()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import models
-from segjax.data import pipeline
+from segjax import data
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -31,22 +31,32 @@ def image_size(config) -> int:
         "img_size", 224))
 
 
-def make_loader(config, split: str, process_index: int, process_count: int, train: bool = True):
+def _preprocess(config, train: bool) -> data.ImagePreprocess:
     d = config.data
-    return pipeline.Loader(
-        pipeline.make_source(d.name, split, d.get("data_dir")),
-        global_batch=config.batch_size, seed=config.seed, image_size=image_size(config),
-        train=train, random_resized_crop_scale=d.get("random_resized_crop_scale"),
-        hflip=d.get("hflip", False), process_index=process_index, process_count=process_count)
+    crop = d.get("random_resized_crop_scale") if train else None
+    return data.ImagePreprocess(image_size(config), random_resized_crop_scale=tuple(crop) if crop else None,
+                                hflip=bool(d.get("hflip", False)) and train)
+
+
+def make_loader(config, split: str, process_index: int, process_count: int, train: bool = True):
+    """The task's training stream: batch `step` is a pure function of (seed, step)."""
+    d = config.data
+    return data.Loader(data.make_source(d.name, split, d.get("data_dir")), _preprocess(config, train),
+                       global_batch_size=config.batch_size, seed=config.seed,
+                       process_index=process_index, process_count=process_count)
 
 
 def eval_batches(config, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-size, padded eval batches (with 'valid') for this process."""
+    """Fixed-size, padded eval batches for this process, with 'valid' and the split
+    'index' of every row."""
     d = config.data
-    return pipeline.eval_batches(
-        pipeline.make_source(d.name, split, d.get("data_dir")), batch_size=batch_size,
-        image_size=image_size(config), process_index=jax.process_index(),
-        process_count=jax.process_count())
+    loader = data.EvalLoader(data.make_source(d.name, split, d.get("data_dir")), _preprocess(config, False),
+                             global_batch_size=batch_size, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    local = loader.local_batch_size
+    for step, batch in enumerate(loader):
+        first = step * batch_size + jax.process_index() * local
+        yield {**batch, "index": np.arange(first, first + local, dtype=np.int32)}
 
 
 def run_eval(trainer, params, fn: Callable, split: str, batch_size: int) -> dict[str, float]:

@@ -1,0 +1,119 @@
+"""Record decoding that survives corrupt images.
+
+`DecodedSource` wraps any random-access source of raw records (a tfds ArrayRecord
+data source, a list of dicts) and returns `{image: (H, W, C) uint8, label: int32}`.
+A record whose image cannot be decoded is logged once with its index, counted, and
+replaced by the next decodable record, so one bad file neither stops a long run nor
+changes batch shapes, and the replacement is the same on every host and rerun.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+_log = logging.getLogger(__name__)
+
+# More bad records in a row than this means the dataset is wrong, not a few files.
+MAX_CONSECUTIVE_CORRUPT = 100
+
+
+def decode_image(value: Any) -> np.ndarray:
+    """Decodes an encoded, PIL or array image to (H, W, C) uint8 with C in {1, 3}.
+
+    Args:
+      value: bytes (PNG, JPEG, ... as PIL reads them), a `PIL.Image.Image`, or an
+        array (H, W) / (H, W, C) with C in {1, 3, 4} (uint8, or any dtype whose
+        values are already 0..255).
+
+    Returns:
+      (H, W, 1) for greyscale, else (H, W, 3) uint8; alpha is dropped.
+
+    Raises:
+      ValueError (or PIL's OSError) when `value` is not a readable image.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = Image.open(io.BytesIO(value))
+        value.load()  # PIL decodes lazily; force it so corruption fails here.
+    if isinstance(value, Image.Image):
+        value = value if value.mode in ("L", "RGB") else value.convert("RGB")
+        value = np.asarray(value)
+    image = np.asarray(value)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
+        raise ValueError(f"not an (H, W, C) image with C in (1, 3, 4): shape {image.shape}")
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.number) or image.min() < 0 or image.max() > 255:
+            raise ValueError(f"image of dtype {image.dtype} is not in 0..255")
+        image = image.astype(np.uint8)
+    return image[:, :, :3]
+
+
+class DecodedSource:
+    """Random-access source of decoded records with corrupt-record substitution.
+
+    `source[i]` decodes raw record i; if that fails it tries i+1, i+2, ... (mod N)
+    and returns the first record that decodes (giving up after
+    `MAX_CONSECUTIVE_CORRUPT` in a row). Reading is thread-safe.
+
+    Attributes:
+      num_corrupt: number of distinct raw indices that failed to decode so far.
+      corrupt_indices: those indices, sorted.
+    """
+
+    def __init__(self, source: Sequence[dict], image_key: str = "image", label_key: str = "label"):
+        """source: records, each a dict with `image_key` and optionally `label_key`."""
+        if len(source) == 0:
+            raise ValueError("source is empty")
+        self._source = source
+        self._image_key = image_key
+        self._label_key = label_key
+        self._corrupt: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @property
+    def num_corrupt(self) -> int:
+        with self._lock:
+            return len(self._corrupt)
+
+    @property
+    def corrupt_indices(self) -> list[int]:
+        with self._lock:
+            return sorted(self._corrupt)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """Record `index` (or its substitute) as {image: (H, W, C) uint8, label: () int32 if present}."""
+        n = len(self._source)
+        index = int(index) % n
+        tries = min(n, MAX_CONSECUTIVE_CORRUPT)
+        for offset in range(tries):
+            j = (index + offset) % n
+            # Reading and key errors propagate: they are not one bad file but a broken setup.
+            record = self._source[j]
+            encoded = record[self._image_key]
+            try:
+                image = decode_image(encoded)
+            except Exception as e:  # noqa: BLE001 - image decoders raise all sorts on bad bytes.
+                with self._lock:
+                    first_time = j not in self._corrupt
+                    self._corrupt.add(j)
+                if first_time:
+                    _log.warning("Record %d failed to decode (%s: %s); substituting the next one.",
+                                 j, type(e).__name__, e)
+                continue
+            out = {"image": image}
+            if self._label_key in record:
+                out["label"] = np.asarray(record[self._label_key], np.int32)
+            return out
+        raise RuntimeError(f"records {index}..{index + tries - 1} (mod {n}) could not be decoded: "
+                           "the data or its format is wrong")

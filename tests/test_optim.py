@@ -1,0 +1,81 @@
+"""optim: schedules, weight-decay masks, layer decay and freezing do what they say."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from segjax import optim
+
+
+def _cfg(**kw):
+    base = dict(name="adamw", lr=None, base_lr=0.256, b1=0.9, b2=0.95, weight_decay=0.1,
+                warmup_steps=10, schedule="cosine", min_lr=0.0, layer_decay=None, frozen=(),
+                no_decay=(), grad_clip_norm=None)
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def _params():
+    return {"patch_embed": {"proj": {"kernel": jnp.ones((2, 2, 3, 4)), "bias": jnp.ones(4)}},
+            "pos_embed": jnp.ones((1, 5, 4)),
+            "blocks_0": {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}}},
+            "blocks_1": {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}}},
+            "head": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+
+
+def test_lr_scaling_and_warmup_cosine():
+    cfg = _cfg()
+    assert optim.peak_lr(cfg, 512) == pytest.approx(0.512)
+    s = optim.make_schedule(cfg, 256, 110)
+    assert float(s(0)) == 0.0
+    assert float(s(10)) == pytest.approx(0.256)
+    assert float(s(5)) == pytest.approx(0.128)
+    assert float(s(110)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="schedule"):
+        optim.make_schedule(_cfg(schedule="step"), 256, 10)
+
+
+def test_layer_ids_and_decay_scales():
+    assert optim.vit_layer_id("cls_token", 2) == 0
+    assert optim.vit_layer_id("blocks_1/attn/qkv/kernel", 2) == 2
+    assert optim.vit_layer_id("head/kernel", 2) == 3
+    scales = optim.layer_decay_scales(_params(), 0.5, 2)
+    assert scales["head"]["kernel"] == 1.0
+    assert scales["blocks_1"]["attn"]["qkv"]["kernel"] == 0.5
+    assert scales["blocks_0"]["attn"]["qkv"]["kernel"] == 0.25
+    assert scales["pos_embed"] == 0.125
+
+
+def test_frozen_and_weight_decay_masks_in_updates():
+    p = _params()
+    tx, _ = optim.make_optimizer(_cfg(lr=1.0, warmup_steps=0, schedule="constant",
+                                      frozen=(r"^pos_embed$",), no_decay=(r"^head/",)), p, 256, 100)
+    state = tx.init(p)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, p)
+    upd, _ = tx.update(zero, state, p)
+    # zero grads: only decoupled weight decay acts, and only on >1-d, non-exempt params
+    assert float(jnp.abs(upd["pos_embed"]).max()) == 0.0            # frozen
+    assert float(jnp.abs(upd["head"]["kernel"]).max()) == 0.0       # no_decay regex
+    assert float(jnp.abs(upd["patch_embed"]["proj"]["bias"]).max()) == 0.0  # 1-d
+    np.testing.assert_allclose(upd["blocks_0"]["attn"]["qkv"]["kernel"], -0.1)
+    grads = jax.tree_util.tree_map(jnp.ones_like, p)
+    upd, _ = tx.update(grads, state, p)
+    assert float(jnp.abs(upd["pos_embed"]).max()) == 0.0
+
+
+def test_layer_decay_scales_adam_update():
+    p = _params()
+    tx, _ = optim.make_optimizer(_cfg(lr=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                                      layer_decay=0.5), p, 256, 100, depth=2)
+    upd, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, p), tx.init(p), p)
+    h = float(upd["head"]["kernel"][0, 0])
+    np.testing.assert_allclose(upd["blocks_0"]["attn"]["qkv"]["kernel"], h * 0.25, rtol=1e-6)
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optim.make_optimizer(_cfg(name="adamx"), _params(), 8, 10)
+    with pytest.raises(ValueError, match="freezes every"):
+        optim.make_optimizer(_cfg(frozen=(".*",)), _params(), 8, 10)
