@@ -18,8 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict({"name": "", "kwargs": {}})
     c.data = ml_collections.ConfigDict({
-        "name": "digits", "data_dir": None, "eval_split": "test",
-        "random_resized_crop_scale": None, "hflip": False})
+        # data_dir "" = ~/tensorflow_datasets
+        "name": "digits", "data_dir": "", "eval_split": "test",
+        "random_resized_crop_scale": ml_collections.FieldReference(None, field_type=tuple),
+        "hflip": False})
 
     c.optim = ml_collections.ConfigDict({
         "name": "adamw", "lr": ml_collections.FieldReference(None, field_type=float),

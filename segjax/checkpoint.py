@@ -179,7 +179,10 @@ class TrainCheckpointer:
     def __init__(self, directory: str | os.PathLike, save_every: int, keep: int,
                  async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(os.fspath(directory)), "checkpoints")
-        self._mngr = _manager(self.directory, save_interval_steps=save_every, max_to_keep=keep,
+        self.save_every = int(save_every)
+        if self.save_every <= 0:
+            raise ValueError(f"checkpoint.save_every must be positive, got {save_every}")
+        self._mngr = _manager(self.directory, max_to_keep=keep,
                               enable_async_checkpointing=async_save)
 
     def latest_step(self) -> int | None:
@@ -189,11 +192,15 @@ class TrainCheckpointer:
     def save(self, step: int, params: PyTree, opt_state: PyTree, data: dict, meta: dict,
              force: bool = False) -> bool:
         """Saves if `step` is due (or `force`); returns whether a save started."""
+        # NOTE: the due-check is ours, not Orbax's interval logic, which also saves the
+        # very first step it sees.
+        if not (force or step % self.save_every == 0) or step in self._mngr.all_steps():
+            return False
         return self._mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data),
-            meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, **meta})), force=force)
+            meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, **meta})), force=True)
 
     def restore_latest(self, params_target: PyTree, opt_target: PyTree):
         """Returns (step, params, opt_state, data) of the newest readable step, or None."""

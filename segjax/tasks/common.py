@@ -41,7 +41,7 @@ def _preprocess(config, train: bool) -> data.ImagePreprocess:
 def make_loader(config, split: str, process_index: int, process_count: int, train: bool = True):
     """The task's training stream: batch `step` is a pure function of (seed, step)."""
     d = config.data
-    return data.Loader(data.make_source(d.name, split, d.get("data_dir")), _preprocess(config, train),
+    return data.Loader(data.make_source(d.name, split, d.get("data_dir") or None), _preprocess(config, train),
                        global_batch_size=config.batch_size, seed=config.seed,
                        process_index=process_index, process_count=process_count)
 
@@ -50,7 +50,7 @@ def eval_batches(config, split: str, batch_size: int) -> Iterator[dict[str, np.n
     """Fixed-size, padded eval batches for this process, with 'valid' and the split
     'index' of every row."""
     d = config.data
-    loader = data.EvalLoader(data.make_source(d.name, split, d.get("data_dir")), _preprocess(config, False),
+    loader = data.EvalLoader(data.make_source(d.name, split, d.get("data_dir") or None), _preprocess(config, False),
                              global_batch_size=batch_size, process_index=jax.process_index(),
                              process_count=jax.process_count())
     local = loader.local_batch_size
