@@ -1,0 +1,32 @@
+"""torch <-> segjax weight converters: table-driven renames plus named layout transforms.
+
+CLI: `python -m segjax.convert mae SRC OUT_DIR` (see `segjax/convert/__main__.py`).
+"""
+
+from segjax.convert.common import (
+                                   ConversionError,
+                                   Report,
+                                   Rule,
+                                   read_state_dict,
+                                   rename,
+                                   unrename,
+                                   write_state_dict,
+)
+from segjax.convert.mae import convert as convert_mae
+from segjax.convert.mae import export as export_mae
+from segjax.convert.mae import from_state_dict as mae_from_state_dict
+from segjax.convert.mae import to_state_dict as mae_to_state_dict
+
+__all__ = [
+                                   "ConversionError",
+                                   "Report",
+                                   "Rule",
+                                   "convert_mae",
+                                   "export_mae",
+                                   "mae_from_state_dict",
+                                   "mae_to_state_dict",
+                                   "read_state_dict",
+                                   "rename",
+                                   "unrename",
+                                   "write_state_dict",
+]

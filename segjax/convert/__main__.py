@@ -1,0 +1,82 @@
+"""Weight conversion CLI.
+
+  python -m segjax.convert mae SRC OUT_DIR [--variant NAME] [--num-heads N]
+      [--decoder-num-heads N] [--norm-pix-loss | --no-norm-pix-loss] [--ln-eps EPS]
+      [--ignore REGEX ...] [--posemb-order {wh,hw}]
+  python -m segjax.convert mae --reverse SEGJAX_DIR OUT --format {official,timm,hf}
+      [--hf-naming {legacy,v5,v5_saved}]
+
+SRC: official MAE `.pth`, a timm ViT `.pth`/`.safetensors`, or a Hugging Face ViTMAE
+`model.safetensors` / `pytorch_model.bin` / model directory (config.json is read when
+it sits beside the weights). OUT_DIR: a segjax checkpoint (`segjax.checkpoint`).
+Reverse: official -> OUT (.pth, {'model': sd}); timm -> OUT (.safetensors/.pth);
+hf -> directory OUT (model.safetensors + config.json). Exit status 2 on a conversion
+error, with the report of unmapped / missing / mis-shaped tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from segjax.convert.common import ConversionError
+
+
+def _add_mae(sub) -> None:
+    p = sub.add_parser("mae", help="MAE / ViT (official, timm, Hugging Face ViTMAE)")
+    p.add_argument("src", help="source weights (or, with --reverse, a segjax checkpoint dir)")
+    p.add_argument("out", help="segjax checkpoint dir (or, with --reverse, the output path)")
+    p.add_argument("--variant", help="registry name to record, e.g. mae_vit_b16 (default: inferred)")
+    p.add_argument("--num-heads", type=int, help="encoder heads (not stored in fused qkv weights)")
+    p.add_argument("--decoder-num-heads", type=int, help="decoder heads")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="decoder target (default: config.json, else the official file name)")
+    p.add_argument("--ln-eps", type=float, help="LayerNorm eps (default: config.json / 1e-6)")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="source keys that may be dropped (repeatable)")
+    p.add_argument("--posemb-order", choices=("wh", "hw"), default="wh",
+                   help="channel order of a generated decoder_pos_embed (HF checkpoints without it)")
+    p.add_argument("--reverse", action="store_true", help="segjax -> torch")
+    p.add_argument("--format", choices=("official", "timm", "hf"), help="target format for --reverse")
+    p.add_argument("--hf-naming", choices=("legacy", "v5", "v5_saved"), default="legacy",
+                   help="key spelling for --format hf (legacy = the hub's, loads in 4.x and 5.x)")
+    p.set_defaults(run=_run_mae)
+
+
+def _run_mae(args) -> int:
+    from segjax.convert import mae
+
+    if args.reverse:
+        if not args.format:
+            raise SystemExit("--reverse needs --format {official,timm,hf}")
+        path = mae.export(args.src, args.out, args.format, args.hf_naming)
+        print(f"wrote {args.format} weights to {path}")
+        return 0
+    meta, report = mae.convert(
+        args.src, args.out, variant=args.variant, num_heads=args.num_heads,
+        decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
+        ln_eps=args.ln_eps, ignore=args.ignore, posemb_order=args.posemb_order)
+    print(report.summary())
+    shown = {k: v for k, v in meta.items() if k != "source"}
+    shown["source"] = {k: v for k, v in meta["source"].items() if k != "hf_config"}
+    print(json.dumps(shown, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segjax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="family", required=True)
+    _add_mae(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

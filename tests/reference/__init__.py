@@ -1,0 +1,1 @@
+"""PyTorch reference implementations and inputs for parity tests (test-only code)."""
