@@ -36,10 +36,10 @@ def resolve_dir(directory: str | os.PathLike) -> str:
     return sub if os.path.isdir(sub) else directory
 
 
-def _manager(directory: str, **options) -> ocp.CheckpointManager:
+def _manager(directory: str, create: bool = True, **options) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory,
-        options=ocp.CheckpointManagerOptions(create=True, **options),
+        options=ocp.CheckpointManagerOptions(create=create, **options),
         item_names=("params", "opt_state", "data", "meta"),
     )
 
@@ -81,7 +81,11 @@ def load_params(directory: str | os.PathLike, target: PyTree | None = None,
     root = resolve_dir(directory)
     if not os.path.isdir(root):
         raise CheckpointError(f"no checkpoint directory at {root}")
-    with _manager(root, read_only=True) as mngr:
+    # Handlers named up front (not inferred from the first restore) so that
+    # `item_metadata` describes params before they are restored.
+    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={"params": ocp.StandardCheckpointHandler(),
+                                              "meta": ocp.JsonCheckpointHandler()}) as mngr:
         steps = _valid_steps_newest_first(mngr)
         if not steps:
             raise CheckpointError(f"{root} holds no finalised checkpoint")
@@ -92,9 +96,13 @@ def load_params(directory: str | os.PathLike, target: PyTree | None = None,
                 meta = {**meta, "step": step}
                 if meta_only:
                     return None, meta
-                restore = (ocp.args.StandardRestore(target) if target is not None
-                           else ocp.args.StandardRestore())
-                params = mngr.restore(step, args=ocp.args.Composite(params=restore))["params"]
+                # NOTE: without a target Orbax rebuilds the saving run's shardings, which
+                # fails under another process or device count (a checkpoint written by
+                # a multi-host run); numpy leaves restore on the host for any topology.
+                host = target is None and jax.tree_util.tree_map(
+                    lambda m: np.empty(m.shape, m.dtype), mngr.item_metadata(step)["params"].tree)
+                params = mngr.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(host or target)))["params"]
                 if target is None:
                     params = jax.tree_util.tree_map(np.asarray, params)
                 return params, meta

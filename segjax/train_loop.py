@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from segjax import checkpoint, optim, sharding
 from segjax import tasks as tasks_lib
@@ -88,6 +89,12 @@ class Trainer:
                     "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(rng, 1 << 20)}
 
         self._init = jax.jit(init_fn, out_shardings=self.state_shardings)
+        # NOTE: replicated scalars are made inside jit, not with jax.device_put, which
+        # cannot target a sharding spanning other processes' devices (multi-host resume).
+        self._step_rng = jax.jit(
+            lambda step: {"step": step.astype(jnp.int32),
+                          "rng": jax.random.fold_in(jax.random.key(config.seed), 1 << 20)},
+            out_shardings={"step": rep, "rng": rep})
         self._opt_init = jax.jit(tx.init, out_shardings=self.opt_shardings)
 
         def train_step(state, batch):
@@ -130,12 +137,18 @@ class Trainer:
         opt = jax.tree_util.tree_map(sds, self.abstract_opt, self.opt_shardings)
         return params, opt
 
+    def step_and_rng(self, step: int) -> dict[str, jax.Array]:
+        """{'step', 'rng'} of a state at `step`, replicated on the mesh."""
+        return self._step_rng(jnp.asarray(step, jnp.int32))
+
     def state_from_params(self, params: PyTree, step: int = 0) -> PyTree:
-        params = jax.device_put(params, self.param_shardings)
-        rep = sharding.replicated(self.mesh)
-        return {"params": params, "opt_state": self._opt_init(params),
-                "step": jax.device_put(jnp.asarray(step, jnp.int32), rep),
-                "rng": jax.device_put(jax.random.fold_in(jax.random.key(self.config.seed), 1 << 20), rep)}
+        """params: host (numpy) values, the same in full on every process."""
+        # NOTE: each process fills its own shards (jax.device_put cannot target devices
+        # of other processes).
+        params = jax.tree_util.tree_map(
+            lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+            params, self.param_shardings)
+        return {"params": params, "opt_state": self._opt_init(params), **self.step_and_rng(step)}
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.global_batch_from_local(local_batch, self.batch_sharding)
@@ -191,13 +204,11 @@ def restore_or_init(trainer: Trainer, ckpt: checkpoint.TrainCheckpointer) -> tup
     if restored is not None:
         step, params, opt_state, data = restored
         log.info("resumed from %s step %d", ckpt.directory, step)
-        rep = sharding.replicated(trainer.mesh)
-        rng = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1 << 20), rep)
-        return ({"params": params, "opt_state": opt_state,
-                 "step": jax.device_put(jnp.asarray(step, jnp.int32), rep), "rng": rng},
+        return ({"params": params, "opt_state": opt_state, **trainer.step_and_rng(step)},
                 {"resumed_step": step, **data})
     if config.get("init_from") and config.init_from.get("path"):
-        fresh = jax.device_get(trainer.init_state()["params"])
+        # NOTE: process_allgather, not device_get: FSDP params may live on other hosts.
+        fresh = multihost_utils.process_allgather(trainer.init_state()["params"], tiled=True)
         loaded, meta = checkpoint.load_params(config.init_from.path)
         params, report = checkpoint.merge_params(
             fresh, loaded, config.init_from.get("allow_missing", ()),
