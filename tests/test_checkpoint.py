@@ -56,3 +56,27 @@ def test_merge_params_declared_only():
     assert rep["missing"] == ["head/kernel"] and rep["unexpected"] == ["decoder_x/k"]
     with pytest.raises(ValueError, match="shape"):
         checkpoint.merge_params(init, {"enc": {"kernel": np.ones((4, 4))}, "head": {"kernel": np.ones((4, 2))}})
+
+
+def test_train_checkpointer_keeps_k_and_falls_back_past_corrupt_latest(tmp_path, caplog):
+    import jax
+
+    ck = checkpoint.TrainCheckpointer(tmp_path, save_every=2, keep=2, async_save=True)
+    for step in range(1, 7):
+        assert ck.save(step, _tree(float(step)), {"mu": _tree(-float(step))}, {"step": step},
+                       {"model": "m"}) == (step % 2 == 0)
+    ck.wait()
+    assert ck.latest_step() == 6
+    assert sorted(int(d) for d in os.listdir(ck.directory) if d.isdigit()) == [4, 6]  # keep=2
+    # truncate the newest step's array files
+    for dirpath, _, files in os.walk(os.path.join(ck.directory, "6", "params")):
+        for f in files:
+            with open(os.path.join(dirpath, f), "r+b") as fh:
+                fh.truncate(1)
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _tree(0.0))
+    step, params, opt, data = ck.restore_latest(target, {"mu": target})
+    assert step == 4 and data == {"step": 4}
+    np.testing.assert_array_equal(params["enc"]["kernel"], 4.0)
+    np.testing.assert_array_equal(opt["mu"]["head"]["bias"], -4.0)
+    assert "step 6" in caplog.text and "unreadable" in caplog.text
+    ck.close()
