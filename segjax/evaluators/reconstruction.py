@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from segjax.models.mae import patchify, unpatchify
+from segjax.models.mae import denormalise_patches, unpatchify
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -35,10 +35,7 @@ def reconstruction_views(images: np.ndarray, pred: np.ndarray, mask: np.ndarray,
     b, h, w, c = images.shape
     gh, gw = h // patch_size, w // patch_size
     if norm_pix_loss:
-        target = np.asarray(patchify(images, patch_size))
-        mean = target.mean(-1, keepdims=True)
-        var = target.var(-1, keepdims=True, ddof=1)
-        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        pred = np.asarray(denormalise_patches(pred, images, patch_size))
     recon = np.asarray(unpatchify(pred, patch_size, gh, gw, c))
     m = np.repeat(np.asarray(mask, np.float32)[:, :, None], patch_size**2 * c, axis=-1)
     m = np.asarray(unpatchify(m, patch_size, gh, gw, c))  # (B, H, W, C), 1 = removed
@@ -52,12 +49,13 @@ def to_uint8(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nda
 
 
 def grid_image(views: dict[str, np.ndarray], max_rows: int = 8, scale: int = 1,
-               columns=("masked", "reconstruction", "paste", "original")) -> np.ndarray:
+               columns=("masked", "reconstruction", "paste", "original"),
+               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """Rows = examples, columns = views; returns (rows*H', 4*W', 3) uint8 with 2px gaps."""
     rows = []
     n = min(max_rows, views["original"].shape[0])
     for i in range(n):
-        tiles = [to_uint8(views[c][i]) for c in columns]
+        tiles = [to_uint8(views[c][i], mean, std) for c in columns]
         if scale > 1:
             tiles = [t.repeat(scale, 0).repeat(scale, 1) for t in tiles]
         gap = np.full((tiles[0].shape[0], 2, 3), 255, np.uint8)

@@ -19,23 +19,11 @@ import numpy as np
 
 from segjax import models
 from segjax.checkpoint import flatten_paths, load_params
-from segjax.models.mae import MAE, patchify, unpatchify
+from segjax.evaluators import reconstruction
+from segjax.models.mae import MAE, denormalise_patches, unpatchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def denormalise_patches(pred: jax.Array, imgs: jax.Array, patch_size: int) -> jax.Array:
-    """Undoes the normalised-pixel target with each patch's statistics from `imgs`.
-
-    pred (B, L, P*P*C) in per-patch normalised units; imgs (B, H, W, C). Returns
-    pred * sqrt(var + 1e-6) + mean with the unbiased variance, the inverse of the
-    target in `segjax.models.mae.mae_loss` (and the reference's `forward_loss`).
-    """
-    target = patchify(imgs.astype(jnp.float32), patch_size)  # (B, L, P*P*C)
-    mean = target.mean(-1, keepdims=True)
-    var = target.var(-1, keepdims=True, ddof=1)
-    return pred * (var + 1.0e-6) ** 0.5 + mean
 
 
 class MAEPredictor:
@@ -127,23 +115,18 @@ class MAEPredictor:
 
     def to_uint8(self, images: np.ndarray) -> np.ndarray:
         """Normalised (..., 3) float images -> uint8 RGB for display."""
-        return np.clip((np.asarray(images) * self.std + self.mean) * 255.0, 0, 255).round().astype(np.uint8)
+        return reconstruction.to_uint8(np.asarray(images), self.mean, self.std)
 
     def save_png(self, path: str | os.PathLike, images: np.ndarray, outputs: dict[str, np.ndarray]) -> str:
         """Draws one row per image: original | masked | reconstruction | paste.
 
         images: (B, H, W, 3) the normalised inputs; outputs: `reconstruct`'s result.
-        Masked pixels of the 'masked' panel are drawn grey. Returns the path.
+        Removed patches of the 'masked' panel are drawn at the mean colour. Returns the path.
         """
-        from PIL import Image
-
-        masked = self.to_uint8(outputs["masked"])
-        masked = np.where(outputs["mask_pixels"] > 0.5, np.uint8(128), masked)
-        panels = [self.to_uint8(images), masked, self.to_uint8(outputs["reconstruction"]),
-                  self.to_uint8(outputs["paste"])]
-        rows = [np.concatenate([p[i] for p in panels], axis=1) for i in range(len(images))]
-        Image.fromarray(np.concatenate(rows, axis=0)).save(os.fspath(path))
-        return os.fspath(path)
+        views = {"original": np.asarray(images), **outputs}
+        grid = reconstruction.grid_image(views, max_rows=len(images), mean=self.mean, std=self.std,
+                                         columns=("original", "masked", "reconstruction", "paste"))
+        return reconstruction.save_png(os.fspath(path), grid)
 
 
 def _check_params(expected: Any, params: Any, directory) -> None:

@@ -69,6 +69,19 @@ def mae_loss(imgs: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
     return (loss * mask).sum() / mask.sum()
 
 
+def denormalise_patches(pred: jax.Array, imgs: jax.Array, patch_size: int) -> jax.Array:
+    """Undoes the normalised-pixel target with each patch's statistics from `imgs`.
+
+    pred (B, L, P*P*C) in per-patch normalised units; imgs (B, H, W, C). Returns
+    pred * sqrt(var + 1e-6) + mean with the unbiased variance, the inverse of the
+    target in `mae_loss` (and the reference's `forward_loss`).
+    """
+    target = patchify(imgs.astype(jnp.float32), patch_size)  # (B, L, P*P*C)
+    mean = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
+    return pred * (var + 1.0e-6) ** 0.5 + mean
+
+
 class MAE(nn.Module):
     """Masked autoencoder with a ViT encoder and a lightweight ViT decoder.
 

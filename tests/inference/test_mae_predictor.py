@@ -81,7 +81,7 @@ def test_reconstruct(converted, tmp_path):
     png = predictor.save_png(tmp_path / "grid.png", images, out)
     from PIL import Image
 
-    assert Image.open(png).size == (4 * 32, 2 * 32)
+    assert Image.open(png).size == (4 * 32 + 3 * 2, 2 * 32 + 2)  # 2px gaps between tiles
 
 
 def test_encoder_only_checkpoint_is_refused(tmp_path):
