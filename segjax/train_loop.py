@@ -266,6 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if config.get("eval_every") and (done % config.eval_every == 0 or done == trainer.total_steps):
             eval_metrics = task.evaluate(trainer, state["params"], workdir, done, writer)
             writer.scalars({f"eval/{k}": v for k, v in eval_metrics.items()}, done)
+            log.info("step %d eval: %s", done, {k: round(v, 5) for k, v in eval_metrics.items()})
+            progress.write(f"step {done} eval: " + " ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items()))
             last.update({f"eval/{k}": v for k, v in eval_metrics.items()})
     batches.close()
     progress.close()

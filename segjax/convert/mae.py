@@ -233,10 +233,10 @@ def _depth(flat: StateDict, prefix: str) -> int:
 def _abstract_leaves(name: str, kwargs: dict, img_size: int, in_chans: int) -> dict[str, tuple]:
     model = models.build(name, **kwargs)
     x = jnp.zeros((1, img_size, img_size, in_chans), jnp.float32)
-    if name.startswith("mae_"):
-        init = lambda: model.init(jax.random.key(0), x, noise=jnp.zeros((1, model.num_patches)))
-    else:
-        init = lambda: model.init(jax.random.key(0), x)
+    extra = {"noise": jnp.zeros((1, model.num_patches))} if name.startswith("mae_") else {}
+
+    def init():
+        return model.init(jax.random.key(0), x, **extra)
     shapes = nn.meta.unbox(jax.eval_shape(init))["params"]
     return {k: tuple(v.shape) for k, v in flatten_paths(shapes).items()}
 

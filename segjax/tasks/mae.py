@@ -76,7 +76,7 @@ def _write_picture(trainer, params, workdir, step, writer) -> dict:
                                                 model.norm_pix_loss)
     scale = max(1, 96 // batch["image"].shape[1])
     img = reconstruction.grid_image(views, scale=scale)
-    path = reconstruction.save_png(os.path.join(workdir, "images", f"mae_step{step:06d}.png"), img)
+    reconstruction.save_png(os.path.join(workdir, "images", f"mae_step{step:06d}.png"), img)
     reconstruction.save_png(os.path.join(workdir, "images", "mae_latest.png"), img)
     writer.image("eval/reconstruction", img, step)
     return {}
