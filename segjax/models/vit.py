@@ -115,7 +115,7 @@ class Mlp(nn.Module):
             bias_init=_logical(nn.initializers.zeros, ("mlp",)),
             name="fc1",
         )(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu_erf(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
         return nn.Dense(
             d,
@@ -124,6 +124,18 @@ class Mlp(nn.Module):
             bias_init=_logical(nn.initializers.zeros, ("embed",)),
             name="fc2",
         )(x)
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), written as torch's `nn.GELU` computes it.
+
+    x: any shape -> same shape and dtype.
+    """
+    # NOTE: same function as `nn.gelu(x, approximate=False)`, but through erf instead of
+    # erfc: `0.5 x (1 + erf(x / sqrt 2))` is torch's own formula, and XLA's erf is one
+    # clamped rational polynomial while its erfc evaluates two branches and an exp.
+    # Differences are float rounding (< 1.2e-6 absolute on |x| <= 12).
+    return x * (0.5 * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype))))
 
 
 class Attention(nn.Module):

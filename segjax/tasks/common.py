@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax import models
-from segjax import data
+from segjax import data, models
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
