@@ -19,7 +19,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"name": "", "kwargs": {}})
     c.data = ml_collections.ConfigDict({
         # data_dir "" = ~/tensorflow_datasets
-        "name": "digits", "data_dir": "", "eval_split": "test",
+        # tfds split strings, e.g. train_split="train[:10%]" for a low-label run
+        "name": "digits", "data_dir": "", "train_split": "train", "eval_split": "test",
         "random_resized_crop_scale": ml_collections.FieldReference(None, field_type=tuple),
         "hflip": False})
 

@@ -226,7 +226,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     trainer = Trainer(config)
     task = trainer.task
     is_main = jax.process_index() == 0
-    loader = task.make_loader(config, "train", jax.process_index(), jax.process_count())
+    loader = task.make_loader(config, config.data.get("train_split", "train"), jax.process_index(),
+                              jax.process_count())
     ckpt = checkpoint.TrainCheckpointer(workdir, config.checkpoint.save_every,
                                         config.checkpoint.keep, config.checkpoint.get("async_save", True))
     writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
