@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from segjax import checkpoint
@@ -18,8 +20,6 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
         raise ValueError(f"checkpoint in {workdir} holds model {meta.get('model')!r}, but the "
                          f"config builds {config.model.name!r}")
     step = int(meta["step"])
-    import os
-
     writer = MetricWriter(os.path.join(workdir, "tensorboard_eval"), enabled=jax.process_index() == 0)
     metrics = trainer.task.evaluate(trainer, params, workdir, step, writer)
     writer.scalars({f"eval/{k}": v for k, v in metrics.items()}, step)

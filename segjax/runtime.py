@@ -20,7 +20,7 @@ def setup(coordinator_address: str | None = None, num_processes: int | None = No
     On CPU the cross-process collectives go through gloo.
     """
     if coordinator_address or auto:
-        if jax.config.jax_platforms in (None, "", "cpu") or not jax.config.jax_platforms:
+        if jax.config.jax_platforms in (None, "", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         kwargs = {}
         if coordinator_address:

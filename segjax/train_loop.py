@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from segjax import checkpoint, optim, sharding
@@ -108,7 +109,7 @@ class Trainer:
                 (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
-            grad_norm = optax_global_norm(grads)
+            grad_norm = optax.global_norm(grads)
             metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                        "lr": self.schedule(state["step"])}
             new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
@@ -154,11 +155,6 @@ class Trainer:
         return sharding.global_batch_from_local(local_batch, self.batch_sharding)
 
 
-def optax_global_norm(tree: PyTree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def _opt_shardings(abstract_opt, abstract_params, param_shardings, mesh):
     by_shape: dict = {}
     for p, s in zip(jax.tree_util.tree_leaves(abstract_params), jax.tree_util.tree_leaves(param_shardings)):
@@ -189,7 +185,7 @@ def _map_subtrees(tree, params_def, fn):
     return fn(tree)
 
 
-def _meta(config, model) -> dict:
+def _meta(config) -> dict:
     return {"model": config.model.name, "model_kwargs": dict(config.model.get("kwargs", {})),
             "task": config.task}
 
@@ -235,7 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start = int(jax.device_get(state["step"]))
     if "init_from" in info:
         writer.text("init_from", str(info["init_from"]), start)
-    meta = _meta(config, trainer.model)
+    meta = _meta(config)
     last: dict[str, float] = {}
     progress = _progress(start, trainer.total_steps, is_main)
     t0, compile_logged = time.time(), False

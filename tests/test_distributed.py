@@ -117,29 +117,6 @@ def _final_line(out):
     return [ln for ln in out.splitlines() if ln.startswith("final:")][-1]
 
 
-def _single_process_params(data_dir):
-    """Params after TOTAL_STEPS of the same config in this process, on 4 of its devices,
-    through the loop's own pieces (loader, Trainer, train_step)."""
-    import jax
-
-    from configs.mae import digits
-    from segjax import sharding, train_loop
-
-    c = digits.get_config("runlocal")
-    c.unlock()
-    c.total_steps, c.batch_size = TOTAL_STEPS, 16
-    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = LR, 0, "constant"
-    c.data.data_dir = str(data_dir)
-    mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 1}, devices=jax.devices()[:4])
-    trainer = train_loop.Trainer(c, mesh=mesh)
-    loader = trainer.task.make_loader(c, "train", 0, 1)
-    state = trainer.init_state()
-    for step in range(TOTAL_STEPS):
-        with trainer.mesh:
-            state, _ = trainer.train_step(state, trainer.put_batch(loader.get_batch(step)))
-    return checkpoint.flatten_paths(jax.device_get(state["params"]))
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """Two processes train FIRST_STEPS (one checkpoint), then the same command with

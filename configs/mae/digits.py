@@ -1,7 +1,8 @@
 r"""MAE pretraining of a tiny ViT on scikit-learn's handwritten digits (no download).
 
 The README's first command. Digits (8x8, 1497 train images) are upscaled to 32x32
-RGB, patch 4 (64 patches, 16 visible at 75% masking). About 0.4 CPU-seconds per step (1500 steps); see the README for measured times.
+RGB, patch 4 (64 patches, 16 visible at 75% masking). About 0.4 CPU-seconds per step
+(1500 steps); see the README for measured times.
 
   python train.py --config configs/mae/digits.py --workdir workdirs/mae_digits
 

@@ -6,8 +6,6 @@ builder name and the overrides, so `build(name, **kwargs)` rebuilds the same mod
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 
 from segjax.models.classifier import VisionTransformer
@@ -57,4 +55,3 @@ def build(name: str, **overrides) -> nn.Module:
 
 
 __all__ = ["MODELS", "build", "MAE", "VisionTransformer"]
-_ = functools

@@ -65,12 +65,11 @@ def evaluate(trainer, params, workdir: str, step: int, writer) -> dict[str, floa
 
 def _write_picture(trainer, params, workdir, step, writer) -> dict:
     config, model = trainer.config, trainer.model
+    if jax.process_count() > 1:  # params may live on other hosts; skip the picture there
+        return {}
     batch = next(iter(common.eval_batches(config, config.data.get("eval_split", "test"), 8)))
     noise = _eval_noise(config.seed, jnp.asarray(batch["index"]), model.num_patches)
-    host_params = jax.device_get(params) if jax.process_count() == 1 else None
-    if host_params is None:  # params may live on other hosts; skip the picture there
-        return {}
-    out = jax.jit(lambda p, x, n: model.apply({"params": p}, x, n))(host_params, batch["image"], noise)
+    out = jax.jit(lambda p, x, n: model.apply({"params": p}, x, n))(jax.device_get(params), batch["image"], noise)
     views = reconstruction.reconstruction_views(batch["image"], np.asarray(out["pred"]),
                                                 np.asarray(out["mask"]), model.patch_size,
                                                 model.norm_pix_loss)
