@@ -1,0 +1,475 @@
+"""`coco_format`: any COCO-format instance-segmentation dataset from local paths, as tfds.
+
+A dataset is named by the user (`name`) and described by its splits, each an image
+folder plus an instances JSON (the COCO "instances_*.json" layout: `images`,
+`annotations` with polygon, uncompressed-RLE or compressed-RLE `segmentation`,
+`categories`). `prepare_coco(data_dir, name, splits)` writes it as ArrayRecord under
+`data_dir/coco_format/NAME/1.0.0` without TensorFlow; `open_split` reads a split back
+for random access; `dataset_metadata` returns the category mapping and the counts.
+
+One record per image (tfds key = image id):
+  image: the image file's bytes, unchanged (JPEG/PNG/...; decoded by the pipeline),
+  image_id () int64, height () int32, width () int32, file_name () bytes,
+  objects: M instances, each
+    id (M,) int64 annotation id,
+    bbox (M, 4) float32 XYXY in original pixels, clamped to the image,
+    category_id (M,) int64 the JSON's id,
+    label (M,) int64 contiguous 1..K (sorted category ids; 0 is background),
+    iscrowd (M,) bool, area (M,) float32 (the JSON's `area`, else the mask's),
+    rle (M,) bytes: pycocotools compressed-RLE counts of the (height, width) mask.
+
+What is skipped or kept (torchvision's detection references are the model: crowd
+regions stay in the ground truth for COCOeval but never become training targets;
+boxes are clamped and kept only with x2 > x1 and y2 > y1), each counted, logged and
+stored in the metadata under `counts[split]`:
+  images: missing or corrupt files and a decoded size that disagrees with the JSON
+    are skipped; images without annotations are kept (they hold false positives in
+    evaluation; the training pipeline substitutes them).
+  annotations: unknown image or category, a malformed bbox or segmentation, and a
+    degenerate box (zero width or height after clamping) are skipped; crowd
+    annotations, tiny boxes (width or height <= 1 px) and empty masks are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+FILE_FORMAT = "array_record"
+BUILDER_NAME = "coco_format"
+VERSION = "1.0.0"
+
+_log = logging.getLogger(__name__)
+
+# Count names, in the order the build summary prints them.
+IMAGE_COUNTS = ("images_in_json", "images_written", "missing_images", "corrupt_images",
+                "size_mismatch_images", "duplicate_images", "images_without_annotations")
+ANNOTATION_COUNTS = ("annotations_in_json", "annotations_written", "annotations_of_skipped_images",
+                     "crowd_annotations",
+                     "degenerate_boxes", "tiny_boxes", "empty_masks", "bad_bbox",
+                     "bad_segmentation", "unknown_category", "unknown_image")
+
+
+@dataclasses.dataclass(eq=False)
+class CocoFormatConfig(tfds.core.BuilderConfig):
+    """A named COCO-format dataset.
+
+    Attributes:
+      splits: split name -> (image folder, instances JSON path). Only needed to build;
+        reading a prepared dataset needs just the name.
+    """
+
+    splits: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+
+
+class CocoFormat(tfds.core.GeneratorBasedBuilder):
+    """Reads a local COCO-format dataset; registered in tfds as `coco_format`."""
+
+    VERSION = tfds.core.Version(VERSION)
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Images as stored bytes, XYXY boxes, RLE masks, contiguous labels."}
+
+    # NOTE: tfds's default `code_path` probes the package through
+    # `importlib_resources`, which tfds does not install (see digits.py).
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="A local COCO-format instance-segmentation dataset (segjax.data.coco).",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+                "image_id": tfds.features.Tensor(shape=(), dtype=np.int64),
+                "height": tfds.features.Tensor(shape=(), dtype=np.int32),
+                "width": tfds.features.Tensor(shape=(), dtype=np.int32),
+                "file_name": tfds.features.Tensor(shape=(), dtype=np.object_),
+                "objects": tfds.features.FeaturesDict({
+                    "id": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                    "bbox": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+                    "category_id": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                    "label": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                    "iscrowd": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+                    "area": tfds.features.Tensor(shape=(None,), dtype=np.float32),
+                    "rle": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+                }),
+            }),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # Local files only.
+        splits = dict(self.builder_config.splits)
+        if not splits:
+            raise ValueError(f"dataset {self.builder_config.name!r} has no splits to build: pass "
+                             "splits={split: (image_dir, instances_json)}")
+        datasets = {split: _load_json(ann) for split, (_, ann) in splits.items()}
+        categories = _categories(datasets)
+        self.info.metadata.update({
+            "category_ids": [c["id"] for c in categories],
+            "category_names": [c.get("name", str(c["id"])) for c in categories],
+            "categories": categories,
+            "sources": {s: {"image_dir": os.path.abspath(d), "annotations": os.path.abspath(a)}
+                        for s, (d, a) in splits.items()},
+            "counts": {},
+        })
+        label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+        return {split: self._generate_examples(split, splits[split][0], datasets[split], label_of)
+                for split in splits}
+
+    def _generate_examples(self, split: str, image_dir: str, dataset: dict,
+                           label_of: dict[int, int]) -> Iterator[tuple[int, dict]]:
+        """Yields (image id, record); counts what it skips into metadata['counts'][split]."""
+        counts = dict.fromkeys(IMAGE_COUNTS + ANNOTATION_COUNTS, 0)
+        by_image = group_annotations(dataset, counts)
+        for image_info in dataset.get("images", []):
+            record = _image_record(image_info, image_dir, by_image, label_of, counts)
+            if record is not None:
+                yield record["image_id"], record
+        counts["annotations_of_skipped_images"] = sum(
+            len(anns) for anns in by_image.values() if anns is not _SEEN)
+        self.info.metadata["counts"][split] = counts
+        _log_counts(self.builder_config.name, split, counts)
+
+
+def _load_json(path: str) -> dict:
+    with open(path) as f:
+        dataset = json.load(f)
+    if not isinstance(dataset, dict) or "images" not in dataset or "categories" not in dataset:
+        raise ValueError(f"{path} is not a COCO instances file (needs 'images' and 'categories')")
+    return dataset
+
+
+def _categories(datasets: Mapping[str, dict]) -> list[dict]:
+    """The categories sorted by id; every split must declare the same ones."""
+    result = None
+    for split, dataset in datasets.items():
+        cats = sorted(({"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
+                       for c in dataset["categories"]), key=lambda c: c["id"])
+        if len({c["id"] for c in cats}) != len(cats):
+            raise ValueError(f"split {split!r}: duplicate category ids")
+        if result is None:
+            result = cats
+        elif cats != result:
+            raise ValueError(f"split {split!r} declares other categories than the first split; the "
+                             "contiguous label mapping must be the same in every split")
+    if not result:
+        raise ValueError("the dataset declares no categories")
+    return result
+
+
+def group_annotations(dataset: dict, counts: dict[str, int]) -> dict[int, list[dict]]:
+    """Annotations by image id, in file order; counts those of unknown images."""
+    image_ids = {int(im["id"]) for im in dataset.get("images", [])}
+    by_image: dict[int, list[dict]] = {}
+    for ann in dataset.get("annotations", []):
+        counts["annotations_in_json"] += 1
+        image_id = ann.get("image_id")
+        if image_id is None or int(image_id) not in image_ids:
+            counts["unknown_image"] += 1
+            continue
+        by_image.setdefault(int(image_id), []).append(ann)
+    return by_image
+
+
+def _image_record(image_info: dict, image_dir: str, by_image: dict[int, list[dict]],
+                  label_of: dict[int, int], counts: dict[str, int]) -> dict | None:
+    """One image's record, or None (counted) when its file is missing or unreadable."""
+    counts["images_in_json"] += 1
+    image_id = int(image_info["id"])
+    if by_image.get(image_id) is _SEEN:
+        counts["duplicate_images"] += 1
+        return None
+    file_name = str(image_info.get("file_name", ""))
+    path = os.path.join(image_dir, file_name)
+    try:
+        with open(path, "rb") as f:
+            encoded = f.read()
+    except OSError as e:
+        counts["missing_images"] += 1
+        _log.warning("image %d: cannot read %s (%s); skipped", image_id, path, e)
+        return None
+    try:
+        with Image.open(io.BytesIO(encoded)) as pil:
+            pil.load()  # decodes the whole file: truncated or corrupt data fails here
+            w, h = pil.size
+    except Exception as e:  # noqa: BLE001 - PIL raises all sorts on bad bytes.
+        counts["corrupt_images"] += 1
+        _log.warning("image %d: %s is not a readable image (%s: %s); skipped", image_id, path,
+                     type(e).__name__, e)
+        return None
+    json_hw = (image_info.get("height"), image_info.get("width"))
+    if json_hw != (None, None) and tuple(int(v) for v in json_hw) != (h, w):
+        counts["size_mismatch_images"] += 1
+        _log.warning("image %d: %s is %dx%d but the JSON says %sx%s; skipped", image_id, path, h, w,
+                     json_hw[0], json_hw[1])
+        return None
+    objects = convert_annotations(by_image.pop(image_id, []), h, w, label_of, counts)
+    by_image[image_id] = _SEEN
+    counts["images_written"] += 1
+    if not len(objects["id"]):
+        counts["images_without_annotations"] += 1
+    return {"image": encoded, "image_id": image_id, "height": h, "width": w,
+            "file_name": file_name.encode(), "objects": objects}
+
+
+_SEEN: list = []  # by_image marker of an image already written (duplicate ids).
+
+
+def convert_annotations(anns: Sequence[dict], height: int, width: int, label_of: Mapping[int, int],
+                        counts: dict[str, int]) -> dict[str, np.ndarray]:
+    """One image's COCO annotations -> the record's `objects` arrays (see the module doc).
+
+    Args:
+      anns: the image's annotation dicts (COCO JSON), in file order.
+      height, width: the image size the segmentations refer to.
+      label_of: category id -> contiguous label (1..K).
+      counts: running counters, updated in place.
+
+    Returns:
+      {id (M,), bbox (M, 4) XYXY, category_id (M,), label (M,), iscrowd (M,), area (M,),
+       rle (M,) object array of bytes}, for the M annotations kept.
+    """
+    kept: dict[str, list] = {k: [] for k in ("id", "bbox", "category_id", "label", "iscrowd", "area", "rle")}
+    for ann in anns:
+        category_id = ann.get("category_id")
+        if category_id is None or int(category_id) not in label_of:
+            counts["unknown_category"] += 1
+            continue
+        box = _clamped_xyxy(ann.get("bbox"), height, width)
+        if box is None:
+            counts["bad_bbox"] += 1
+            continue
+        if not (box[2] > box[0] and box[3] > box[1]):
+            counts["degenerate_boxes"] += 1
+            continue
+        rle = segmentation_to_rle(ann.get("segmentation"), height, width)
+        if rle is None:
+            counts["bad_segmentation"] += 1
+            continue
+        iscrowd = bool(ann.get("iscrowd", 0))
+        counts["crowd_annotations"] += iscrowd
+        counts["tiny_boxes"] += (box[2] - box[0] <= 1) or (box[3] - box[1] <= 1)
+        mask_area = float(mask_utils.area(rle))
+        counts["empty_masks"] += mask_area == 0
+        area = ann.get("area")
+        area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) else mask_area
+        kept["id"].append(int(ann.get("id", -1)))
+        kept["bbox"].append(box)
+        kept["category_id"].append(int(category_id))
+        kept["label"].append(label_of[int(category_id)])
+        kept["iscrowd"].append(iscrowd)
+        kept["area"].append(area)
+        kept["rle"].append(rle["counts"])
+        counts["annotations_written"] += 1
+    rle_array = np.empty(len(kept["rle"]), dtype=object)
+    rle_array[:] = kept["rle"]
+    return {"id": np.asarray(kept["id"], np.int64),
+            "bbox": np.asarray(kept["bbox"], np.float32).reshape(-1, 4),
+            "category_id": np.asarray(kept["category_id"], np.int64),
+            "label": np.asarray(kept["label"], np.int64),
+            "iscrowd": np.asarray(kept["iscrowd"], np.bool_),
+            "area": np.asarray(kept["area"], np.float32),
+            "rle": rle_array}
+
+
+def _clamped_xyxy(bbox: Any, height: int, width: int) -> list[float] | None:
+    """COCO [x, y, w, h] -> [x1, y1, x2, y2] clamped to the image; None when malformed."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None
+    return [min(max(x, 0.0), width), min(max(y, 0.0), height),
+            min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
+
+
+def segmentation_to_rle(segm: Any, height: int, width: int) -> dict | None:
+    """A COCO `segmentation` -> compressed RLE {'size': [h, w], 'counts': bytes}, or None.
+
+    Polygons (a list of [x0, y0, x1, y1, ...]) are rasterised and merged as
+    pycocotools' `annToRLE` does; uncompressed RLE (list counts, used for crowds) is
+    compressed; compressed RLE is used as is. None when malformed or sized for
+    another image.
+    """
+    try:
+        if isinstance(segm, list):
+            # NOTE: pycocotools reads a first polygon of exactly 4 numbers as a box;
+            # polygons need >= 3 points, so shorter or odd-length ones are dropped.
+            polys = [[float(v) for v in p] for p in segm
+                     if isinstance(p, (list, tuple)) and len(p) >= 6 and len(p) % 2 == 0]
+            if not polys or not all(math.isfinite(v) for p in polys for v in p):
+                return None
+            rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+        elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+            if [int(v) for v in segm["size"]] != [height, width]:
+                return None
+            counts = segm["counts"]
+            if isinstance(counts, list):
+                if sum(int(c) for c in counts) != height * width:
+                    return None
+                rle = mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]},
+                                             height, width)
+            elif isinstance(counts, (str, bytes)):
+                rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+                mask_utils.area(rle)  # validates the string
+            else:
+                return None
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - pycocotools raises bare Exceptions on bad input.
+        return None
+    counts = rle["counts"]
+    return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else bytes(counts)}
+
+
+def _log_counts(name: str, split: str, counts: dict[str, int]) -> None:
+    skipped = {k: v for k, v in counts.items() if v and k not in (
+        "images_in_json", "images_written", "annotations_in_json", "annotations_written")}
+    _log.info("coco_format/%s %s: wrote %d of %d images, %d of %d annotations; %s", name, split,
+              counts["images_written"], counts["images_in_json"], counts["annotations_written"],
+              counts["annotations_in_json"], skipped or "nothing skipped")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name):
+        raise ValueError(f"dataset name must match [a-z0-9][a-z0-9_]*, got {name!r}")
+    return name
+
+
+def dataset_dir(data_dir: str | os.PathLike, name: str) -> str:
+    """Where `coco_format/NAME` is (or would be) prepared: data_dir/coco_format/NAME/1.0.0."""
+    return os.path.join(os.path.expanduser(os.fspath(data_dir)), BUILDER_NAME, _check_name(name), VERSION)
+
+
+def prepare_coco(data_dir: str | os.PathLike, name: str,
+                 splits: Mapping[str, tuple[str | os.PathLike, str | os.PathLike]]) -> CocoFormat:
+    """Writes the COCO-format dataset `name` as ArrayRecord under `data_dir` unless present.
+
+    Idempotent and safe when several processes call it at once (a lock file; tfds
+    writes into a temporary directory and renames it). A prepared dataset is never
+    rebuilt: pick a new `name` when the sources change.
+
+    Args:
+      data_dir: tfds data root.
+      name: the dataset's name ([a-z0-9_]+).
+      splits: split -> (image folder, instances JSON), e.g.
+        {"train": ("coco/train2017", "coco/annotations/instances_train2017.json")}.
+
+    Returns:
+      The prepared builder.
+    """
+    data_dir = os.path.expanduser(os.fspath(data_dir))
+    config = CocoFormatConfig(name=_check_name(name),
+                              splits={s: (os.fspath(d), os.fspath(a)) for s, (d, a) in splits.items()})
+    builder = CocoFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+    if builder.is_prepared():
+        return builder
+    os.makedirs(data_dir, exist_ok=True)
+    with _file_lock(os.path.join(data_dir, f".coco_format_{name}.lock")):
+        builder = CocoFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+        if not builder.is_prepared():
+            _log.info("Preparing coco_format/%s in %s", name, data_dir)
+            builder.download_and_prepare(file_format=FILE_FORMAT)
+    return builder
+
+
+def _read_only_builder(data_dir: str | os.PathLike, name: str):
+    path = dataset_dir(data_dir, name)
+    if not os.path.exists(os.path.join(path, "dataset_info.json")):
+        raise FileNotFoundError(
+            f"coco_format/{name} is not prepared in {os.path.dirname(os.path.dirname(os.path.dirname(path)))!r}; "
+            "build it with segjax.data.coco.prepare_coco(data_dir, name, {split: (image_dir, json)})")
+    return tfds.builder_from_directory(path)
+
+
+def open_split(data_dir: str | os.PathLike, name: str, split: str) -> Sequence[dict]:
+    """Random-access records of a prepared split (tfds split strings work: 'train[:10%]').
+
+    The image stays encoded bytes (decoded in the pipeline, which survives corrupt
+    files); see the module doc for the record layout.
+    """
+    builder = _read_only_builder(data_dir, name)
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def dataset_metadata(data_dir: str | os.PathLike, name: str) -> dict:
+    """{category_ids, category_names, categories, sources, counts: {split: {...}}}."""
+    with open(os.path.join(dataset_dir(data_dir, name), "metadata.json")) as f:
+        return json.load(f)
+
+
+def num_classes(metadata: Mapping) -> int:
+    """K + 1: the contiguous labels 1..K plus background 0."""
+    return len(metadata["category_ids"]) + 1
+
+
+def record_annotations(record: Mapping) -> list[dict]:
+    """A record's objects back as COCO annotation dicts (XYWH bbox, compressed RLE)."""
+    obj = record["objects"]
+    h, w = int(record["height"]), int(record["width"])
+    anns = []
+    for i in range(len(obj["id"])):
+        x1, y1, x2, y2 = (float(v) for v in obj["bbox"][i])
+        counts = obj["rle"][i]
+        anns.append({"id": int(obj["id"][i]), "image_id": int(record["image_id"]),
+                     "category_id": int(obj["category_id"][i]), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                     "area": float(obj["area"][i]), "iscrowd": int(bool(obj["iscrowd"][i])),
+                     "segmentation": {"size": [h, w], "counts": counts.decode() if isinstance(counts, bytes)
+                                      else str(counts)}})
+    return anns
+
+
+def ground_truth(records: Sequence[Mapping], metadata: Mapping) -> dict:
+    """A COCO instances dict (images, annotations, categories) rebuilt from records.
+
+    Annotation ids are renumbered 1.. (COCOeval needs them unique and non-zero);
+    everything else is as stored, so it equals the source JSON less what the build
+    skipped.
+    """
+    images, annotations = [], []
+    for record in records:
+        images.append({"id": int(record["image_id"]), "height": int(record["height"]),
+                       "width": int(record["width"]),
+                       "file_name": _as_str(record.get("file_name", b""))})
+        annotations.extend(record_annotations(record))
+    for i, ann in enumerate(annotations):
+        ann["id"] = i + 1
+    return {"images": images, "annotations": annotations,
+            "categories": [dict(c) for c in metadata["categories"]]}
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,319 @@
+"""Instance-detection input pipeline: decode, flip, resize, pad, static-shape targets.
+
+Legend: B batch, M max instances, H/W padded size, h/w original size, n instances
+of one record.
+
+The batch (the "Mask R-CNN data" contract in the project notes):
+  image (B, H, W, 3) float32 RGB 0..255, resized, padded bottom-right with 0,
+  image_hw (B, 2) int32 resized size inside the pad, orig_hw (B, 2) int32,
+  image_id (B,) int64,
+  boxes (B, M, 4) float32 XYXY in resized pixels, labels (B, M) int32 (1..K; 0 on padding),
+  masks (B, M, H, W) uint8 full-image instance masks in the padded frame,
+  valid (B, M) bool,
+  and, from `DetectionEvalLoader`, example_valid (B,) bool (False on the padding
+  examples of the last batch) and index (B,) int32 (position in the split).
+
+Targets follow torchvision's detection references: crowd instances are never
+targets (they stay in the evaluation ground truth); the resize is
+GeneralizedRCNNTransform's (scale = min(min_size / short side, max_size / long side),
+output size floor(side * scale), bilinear without antialias for the image and
+nearest for the masks, boxes scaled by the per-axis size ratio); the training flip
+happens before the resize, as in references/detection/transforms.py.
+
+Determinism and resumption are those of `segjax.data.pipeline`: training batch
+`step` is a pure function of (seed, step, process), so the loader state is the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from segjax.data.decode import MAX_CONSECUTIVE_CORRUPT, decode_image
+from segjax.data.pipeline import _local_batch_size, _numbered, _prefetched
+
+Batch = dict[str, np.ndarray]
+_log = logging.getLogger(__name__)
+
+
+def resized_hw(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """torchvision's GeneralizedRCNNTransform output size for an (h, w) image."""
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return math.floor(h * scale), math.floor(w * scale)
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices i0, i1 and weight of i1 for align_corners=False bilinear."""
+    scale = np.float32(n_in / n_out)
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """image (h, w, C) -> (out_h, out_w, C) float32, as torch's
+    interpolate(mode='bilinear', align_corners=False) without antialias."""
+    x = image.astype(np.float32)
+    h, w = x.shape[:2]
+    if (h, w) == (out_h, out_w):
+        return x
+    r0, r1, ry = _bilinear_taps(h, out_h)
+    c0, c1, cx = _bilinear_taps(w, out_w)
+    rows = x[r0] * (1 - ry)[:, None, None] + x[r1] * ry[:, None, None]  # (out_h, w, C)
+    return rows[:, c0] * (1 - cx)[None, :, None] + rows[:, c1] * cx[None, :, None]
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """torch interpolate(mode='nearest') source indices: floor(dst * in / out)."""
+    scale = np.float32(n_in / n_out)
+    return np.minimum((np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+
+def decode_masks(rles: Sequence[bytes], h: int, w: int) -> np.ndarray:
+    """Compressed-RLE counts -> (n, h, w) uint8 masks."""
+    if not len(rles):
+        return np.zeros((0, h, w), np.uint8)
+    masks = mask_utils.decode([{"size": [h, w], "counts": bytes(r)} for r in rles])  # (h, w, n)
+    return np.ascontiguousarray(masks.transpose(2, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionPreprocess:
+    """Decoded detection record -> fixed-shape example.
+
+    Attributes:
+      min_size: short-side target(s); training picks one uniformly per example
+        (torchvision's multi-scale `min_size` tuple), evaluation uses the last.
+      max_size: long-side cap.
+      pad_size: output (H, W); every resized image must fit (checked).
+      max_instances: M; extra instances are dropped (logged).
+      hflip: random horizontal flip (probability 0.5) in training.
+      label_key: 'label' (contiguous 1..K) or 'category_id' (the JSON's ids, e.g. for
+        torchvision's 91-class COCO heads).
+    """
+
+    min_size: int | tuple[int, ...] = 800
+    max_size: int = 1333
+    pad_size: tuple[int, int] = (1344, 1344)
+    max_instances: int = 100
+    hflip: bool = False
+    label_key: str = "label"
+
+    def __post_init__(self):
+        if self.label_key not in ("label", "category_id"):
+            raise ValueError(f"label_key must be 'label' or 'category_id', got {self.label_key!r}")
+        if self.max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {self.max_instances}")
+
+    @property
+    def min_sizes(self) -> tuple[int, ...]:
+        return (self.min_size,) if isinstance(self.min_size, int) else tuple(int(s) for s in self.min_size)
+
+    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> Batch:
+        """Args:
+          example: `DetectionSource` output: image (h, w, C) uint8 and the record's
+            objects (bbox (n, 4) XYXY, label/category_id (n,), iscrowd (n,), rle (n,)).
+          rng: per-example generator for the training augmentation; None in eval.
+
+        Returns:
+          One row of the batch described in the module doc (without the B axis).
+        """
+        image = example["image"]
+        if image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        h, w = image.shape[:2]
+        obj = example["objects"]
+        keep = np.flatnonzero(~np.asarray(obj["iscrowd"], bool))
+        if len(keep) > self.max_instances:
+            _log.warning("image %s has %d instances; keeping the first max_instances=%d",
+                         example.get("image_id"), len(keep), self.max_instances)
+            keep = keep[: self.max_instances]
+        boxes = np.asarray(obj["bbox"], np.float32).reshape(-1, 4)[keep]
+        labels = np.asarray(obj[self.label_key], np.int32)[keep]
+        masks = decode_masks([obj["rle"][i] for i in keep], h, w)  # (n, h, w)
+
+        min_size = self.min_sizes[-1]
+        if rng is not None:
+            min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
+            if self.hflip and rng.random() < 0.5:
+                image, masks = image[:, ::-1], masks[:, :, ::-1]
+                boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=-1)
+
+        rh, rw = resized_hw(h, w, min_size, self.max_size)
+        ph, pw = self.pad_size
+        if rh > ph or rw > pw:
+            raise ValueError(f"resized image {rh}x{rw} does not fit pad_size {self.pad_size} "
+                             f"(min_size {min_size}, max_size {self.max_size})")
+        out_image = np.zeros((ph, pw, 3), np.float32)
+        out_image[:rh, :rw] = resize_bilinear(image, rh, rw)
+        m = self.max_instances
+        n = len(keep)
+        out_masks = np.zeros((m, ph, pw), np.uint8)
+        if n:
+            out_masks[:n, :rh, :rw] = masks[:, nearest_indices(h, rh)][:, :, nearest_indices(w, rw)]
+        out_boxes = np.zeros((m, 4), np.float32)
+        out_boxes[:n] = boxes * np.array([rw / w, rh / h, rw / w, rh / h], np.float32)
+        out_labels = np.zeros((m,), np.int32)
+        out_labels[:n] = labels
+        return {"image": out_image, "image_hw": np.array([rh, rw], np.int32),
+                "orig_hw": np.array([h, w], np.int32),
+                "image_id": np.asarray(example["image_id"], np.int64),
+                "boxes": out_boxes, "labels": out_labels, "masks": out_masks,
+                "valid": np.arange(m) < n}
+
+
+def has_training_target(record: dict) -> bool:
+    """torchvision's `_has_valid_annotation` for instance masks: some non-crowd
+    instance whose box is wider and taller than 1 px."""
+    obj = record["objects"]
+    boxes = np.asarray(obj["bbox"], np.float32).reshape(-1, 4)
+    ok = ~np.asarray(obj["iscrowd"], bool) & (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
+    return bool(ok.any())
+
+
+class DetectionSource:
+    """Random-access detection records with the image decoded; bad records substituted.
+
+    `source[i]` returns record i with `image` decoded to (h, w, C) uint8. A record
+    whose image does not decode (or, with `require_target`, that has no training
+    target: images without annotations or with only crowd/tiny instances, which
+    torchvision's training set removes) is replaced by the next good one, i+1,
+    i+2, ... (mod N): the same on every host and rerun, and the batch shapes never
+    change. Each kind is counted once per index.
+
+    Attributes:
+      num_corrupt, num_without_target: distinct indices substituted so far.
+    """
+
+    def __init__(self, source: Sequence[dict], require_target: bool = False):
+        if len(source) == 0:
+            raise ValueError("source is empty")
+        self._source = source
+        self._require_target = require_target
+        self._corrupt: set[int] = set()
+        self._no_target: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @property
+    def num_corrupt(self) -> int:
+        with self._lock:
+            return len(self._corrupt)
+
+    @property
+    def num_without_target(self) -> int:
+        with self._lock:
+            return len(self._no_target)
+
+    def _note(self, bucket: set[int], j: int, why: str) -> None:
+        with self._lock:
+            first = j not in bucket
+            bucket.add(j)
+        if first:
+            _log.warning("record %d %s; substituting the next one", j, why)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self._source)
+        index = int(index) % n
+        tries = min(n, MAX_CONSECUTIVE_CORRUPT)
+        for offset in range(tries):
+            j = (index + offset) % n
+            record = self._source[j]
+            if self._require_target and not has_training_target(record):
+                self._note(self._no_target, j, "has no training target (no non-crowd box > 1 px)")
+                continue
+            try:
+                image = decode_image(record["image"])
+            except Exception as e:  # noqa: BLE001 - image decoders raise all sorts on bad bytes.
+                self._note(self._corrupt, j, f"failed to decode ({type(e).__name__}: {e})")
+                continue
+            if image.shape[:2] != (int(record["height"]), int(record["width"])):
+                self._note(self._corrupt, j, f"decodes to {image.shape[:2]}, not its stored size")
+                continue
+            return {**record, "image": image}
+        raise RuntimeError(f"records {index}..{index + tries - 1} (mod {n}) are all unusable: the data "
+                           "or its format is wrong")
+
+
+class DetectionLoader:
+    """Training batches: shuffled every epoch, augmented, infinite, random access
+    (the `segjax.data.pipeline.Loader` stream over `DetectionSource`).
+
+    Attributes:
+      num_examples: N; global_batch_size: G; local_batch_size: B = G / P.
+    """
+
+    def __init__(self, source: Sequence[dict], preprocess: Callable[[dict, np.random.Generator], Batch], *,
+                 global_batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
+                 num_threads: int = 2, prefetch: int = 2):
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+        self.source = DetectionSource(source, require_target=True)
+        self.num_examples = len(self.source)
+        self._num_threads, self._prefetch = num_threads, prefetch
+        examples = (grain.MapDataset.source(self.source).seed(seed).shuffle().repeat()
+                    .random_map(preprocess))
+        chunks = examples.batch(self.local_batch_size, drop_remainder=True)
+        self._batches = chunks[process_index::process_count]
+
+    def get_batch(self, step: int) -> Batch:
+        """This process's rows of global batch `step` (see the module doc for keys)."""
+        if step < 0:
+            raise IndexError(f"step must be >= 0, got {step}")
+        return self._batches[step]
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, Batch]]:
+        """Yields (step, get_batch(step)) from `start_step` on, computed ahead in threads."""
+        if start_step < 0:
+            raise IndexError(f"start_step must be >= 0, got {start_step}")
+        return _numbered(start_step, _prefetched(self._batches, start_step, self._num_threads, self._prefetch))
+
+
+class DetectionEvalLoader:
+    """One ordered pass over a split in fixed-size batches, `example_valid` False on
+    the padding of the last batch (records from the start of the split), and
+    `index` the split position of every row.
+
+    Attributes:
+      num_examples: N; num_steps: ceil(N / G); local_batch_size: B.
+    """
+
+    def __init__(self, source: Sequence[dict], preprocess: Callable[[dict], Batch], *,
+                 global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                 num_threads: int = 2, prefetch: int = 2, max_examples: int | None = None):
+        """max_examples: evaluate only the first max_examples records (None: all)."""
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+        self.source = DetectionSource(source)
+        n = len(self.source)
+        self.num_examples = n = min(n, max_examples) if max_examples else n
+        self.num_steps = math.ceil(n / global_batch_size)
+        self._num_threads, self._prefetch = num_threads, prefetch
+
+        def finish(i: int, ex: Batch) -> Batch:
+            return {**ex, "example_valid": np.asarray(i < n), "index": np.asarray(i % n, np.int32)}
+
+        padded = (grain.MapDataset.source(self.source)[:n].map(preprocess).repeat()
+                  [: self.num_steps * global_batch_size].map_with_index(finish))
+        self._batches = padded.batch(self.local_batch_size, drop_remainder=True)[process_index::process_count]
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def get_batch(self, step: int) -> Batch:
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step must be in [0, {self.num_steps}), got {step}")
+        return self._batches[step]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return _prefetched(self._batches, 0, self._num_threads, self._prefetch)
