@@ -1,6 +1,6 @@
 """torch <-> segjax weight converters: table-driven renames plus named layout transforms.
 
-CLI: `python -m segjax.convert mae SRC OUT_DIR` (see `segjax/convert/__main__.py`).
+CLI: `python -m segjax.convert {mae,sam} SRC OUT_DIR` (see `segjax/convert/__main__.py`).
 """
 
 from segjax.convert.common import (
@@ -16,13 +16,17 @@ from segjax.convert.mae import convert as convert_mae
 from segjax.convert.mae import export as export_mae
 from segjax.convert.mae import from_state_dict as mae_from_state_dict
 from segjax.convert.mae import to_state_dict as mae_to_state_dict
+from segjax.convert.sam import convert as convert_sam
+from segjax.convert.sam import export as export_sam
 
 __all__ = [
                                    "ConversionError",
                                    "Report",
                                    "Rule",
                                    "convert_mae",
+                                   "convert_sam",
                                    "export_mae",
+                                   "export_sam",
                                    "mae_from_state_dict",
                                    "mae_to_state_dict",
                                    "read_state_dict",

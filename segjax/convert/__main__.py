@@ -5,6 +5,8 @@
       [--ignore REGEX ...] [--posemb-order {wh,hw}]
   python -m segjax.convert mae --reverse SEGJAX_DIR OUT --format {official,timm,hf}
       [--hf-naming {legacy,v5,v5_saved}]
+  python -m segjax.convert sam SRC OUT_DIR [--variant sam_vit_b] [--decoder-num-heads N]
+  python -m segjax.convert sam --reverse SEGJAX_DIR OUT [--format {official,hf}]
 
 SRC: official MAE `.pth`, a timm ViT `.pth`/`.safetensors`, or a Hugging Face ViTMAE
 `model.safetensors` / `pytorch_model.bin` / model directory (config.json is read when
@@ -65,11 +67,42 @@ def _run_mae(args) -> int:
     return 0
 
 
+def _add_sam(sub) -> None:
+    p = sub.add_parser("sam", help="Segment Anything (official segment_anything .pth, Hugging Face SamModel)")
+    p.add_argument("src", help="source weights (or, with --reverse, a segjax checkpoint dir)")
+    p.add_argument("out", help="segjax checkpoint dir (or, with --reverse, the output path)")
+    p.add_argument("--variant", help="assert and record this registry name, e.g. sam_vit_b (default: inferred)")
+    p.add_argument("--decoder-num-heads", type=int,
+                   help="mask decoder heads (not in the weights; default config.json / 8)")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="source keys that may be dropped (repeatable)")
+    p.add_argument("--reverse", action="store_true", help="segjax -> torch")
+    p.add_argument("--format", choices=("official", "hf"), default="official",
+                   help="target format for --reverse (official: flat .pth for sam_model_registry)")
+    p.set_defaults(run=_run_sam)
+
+
+def _run_sam(args) -> int:
+    from segjax.convert import sam
+
+    if args.reverse:
+        path = sam.export(args.src, args.out, args.format)
+        print(f"wrote {args.format} weights to {path}")
+        return 0
+    meta, report = sam.convert(args.src, args.out, variant=args.variant,
+                               decoder_num_heads=args.decoder_num_heads, ignore=args.ignore)
+    print(report.summary())
+    print(json.dumps({k: v for k, v in meta.items() if k != "source"}, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segjax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="family", required=True)
     _add_mae(sub)
+    _add_sam(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

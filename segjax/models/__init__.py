@@ -10,6 +10,7 @@ import flax.linen as nn
 
 from segjax.models.classifier import VisionTransformer
 from segjax.models.mae import MAE
+from segjax.models.sam import Sam
 
 _VIT = {
     # name: (patch, width, depth, heads)
@@ -41,6 +42,22 @@ for _name, _vit in _VIT.items():
     MODELS[f"mae_vit_{_name}"] = _builder(MAE, **_vit, **_MAE_DECODER[_name])
     MODELS[f"vit_{_name}"] = _builder(VisionTransformer, **_vit, **_img)
 
+# Segment Anything (segment_anything.build_sam); tiny: a seconds-fast test variant that
+# segment_anything's classes can build too.
+_SAM = {
+    "b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+              encoder_global_attn_indexes=(2, 5, 8, 11)),
+    "l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+              encoder_global_attn_indexes=(5, 11, 17, 23)),
+    "h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
+              encoder_global_attn_indexes=(7, 15, 23, 31)),
+    "tiny": dict(img_size=256, pretrain_img_size=256, encoder_embed_dim=64, encoder_depth=4,
+                 encoder_num_heads=2, encoder_global_attn_indexes=(1, 3), window_size=4,
+                 prompt_embed_dim=32, decoder_mlp_dim=64, iou_head_hidden_dim=32),
+}
+for _name, _sam in _SAM.items():
+    MODELS[f"sam_vit_{_name}"] = _builder(Sam, **_sam)
+
 
 def build(name: str, **overrides) -> nn.Module:
     """Builds a registered model; unknown names and fields fail with the valid choices."""
@@ -54,4 +71,4 @@ def build(name: str, **overrides) -> nn.Module:
     return builder(**overrides)
 
 
-__all__ = ["MODELS", "build", "MAE", "VisionTransformer"]
+__all__ = ["MODELS", "build", "MAE", "Sam", "VisionTransformer"]

@@ -100,10 +100,14 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP `fc1 -> act -> fc2`; GELU is exact erf as torch's nn.GELU."""
+    """Two-layer MLP `fc1 -> act -> fc2`; GELU is exact erf as torch's nn.GELU.
+
+    `names` renames the two layers (SAM's image encoder calls them `lin1`, `lin2`).
+    """
 
     hidden_dim: int
     dtype: Dtype = jnp.float32
+    names: tuple[str, str] = ("fc1", "fc2")
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -113,7 +117,7 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             kernel_init=_logical(dense_init, ("embed", "mlp")),
             bias_init=_logical(nn.initializers.zeros, ("mlp",)),
-            name="fc1",
+            name=self.names[0],
         )(x)
         x = gelu_erf(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
@@ -122,7 +126,7 @@ class Mlp(nn.Module):
             dtype=self.dtype,
             kernel_init=_logical(dense_init, ("mlp", "embed")),
             bias_init=_logical(nn.initializers.zeros, ("embed",)),
-            name="fc2",
+            name=self.names[1],
         )(x)
 
 
@@ -244,3 +248,198 @@ def fixed_param(module: nn.Module, name: str, value: np.ndarray, names: tuple) -
     uses another channel order). `segjax.optim` freezes them by name as well.
     """
     return module.param(name, _logical(lambda *_: jnp.asarray(value), names))
+
+
+# ----------------------------------------------------------------------------- windowed attention
+# ViTDet / SAM image encoder pieces: non-overlapping windows with zero padding, and
+# attention with decomposed relative positions (MViTv2, Li et al. 2022, eq. 4).
+
+
+def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
+    """(B, H, W, D) -> (B * nH * nW, window, window, D), zero-padding H and W up to
+    multiples of `window` at the bottom / right. Returns the windows and (Hp, Wp)."""
+    _, h, w, _ = x.shape
+    ph, pw = (-h) % window, (-w) % window
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    windows = einops.rearrange(x, "b (y p) (x q) d -> (b y x) p q d", p=window, q=window)
+    return windows, (h + ph, w + pw)
+
+
+def window_unpartition(windows: jax.Array, window: int, pad_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> jax.Array:
+    """Inverse of `window_partition`: (B * nH * nW, window, window, D) -> (B, H, W, D)."""
+    hp, wp = pad_hw
+    x = einops.rearrange(windows, "(b y x) p q d -> b (y p) (x q) d", y=hp // window, x=wp // window)
+    return x[:, :hw[0], :hw[1]]
+
+
+def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's `F.interpolate(mode="linear", align_corners=False)`."""
+    m = np.zeros((n_out, n_in), np.float64)
+    scale = n_in / n_out
+    for o in range(n_out):
+        src = max(scale * (o + 0.5) - 0.5, 0.0)
+        i0 = min(int(src), n_in - 1)
+        i1 = i0 + (1 if i0 < n_in - 1 else 0)
+        frac = src - i0
+        m[o, i0] += 1.0 - frac
+        m[o, i1] += frac
+    return m.astype(np.float32)
+
+
+def cubic_resize_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """(n_out, n_in) weights of torch's `F.interpolate(mode="bicubic", align_corners=False)`
+    along one axis (Keys kernel with a = -0.75, border samples clamped)."""
+
+    def near(t):  # |t| <= 1
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+
+    def far(t):  # 1 < |t| < 2
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+    m = np.zeros((n_out, n_in), np.float64)
+    scale = n_in / n_out
+    for o in range(n_out):
+        src = scale * (o + 0.5) - 0.5  # no clamp at 0 for cubic (torch)
+        i = int(np.floor(src))
+        t = src - i
+        for k, wgt in zip((i - 1, i, i + 1, i + 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+            m[o, min(max(k, 0), n_in - 1)] += wgt
+    return m.astype(np.float32)
+
+
+def resize_pos_embed_2d(pos: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """Bicubic resize of an absolute position table (1, Gh, Gw, D) -> (1, H, W, D).
+
+    Same weights as ViTDet's `get_abs_pos` (`F.interpolate(..., mode="bicubic",
+    align_corners=False)`), the common practice for running SAM / ViTDet encoders at
+    another resolution. Identity when the sizes agree.
+    """
+    gh, gw = pos.shape[1:3]
+    if (gh, gw) == tuple(hw):
+        return pos
+    my = jnp.asarray(cubic_resize_matrix(gh, hw[0]))
+    mx = jnp.asarray(cubic_resize_matrix(gw, hw[1]))
+    return jnp.einsum("yh,xw,bhwd->byxd", my, mx, pos.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST).astype(pos.dtype)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+    """Relative position embeddings for every (query, key) pair along one axis.
+
+    rel_pos: (T, K) table; it is linearly resized to 2 * max(q, k) - 1 rows when its
+    size differs (torch `F.interpolate(mode="linear")`, as SAM's `get_rel_pos`).
+    Returns (q_size, k_size, K).
+    """
+    n = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != n:
+        m = jnp.asarray(linear_resize_matrix(rel_pos.shape[0], n))
+        rel_pos = jnp.einsum("oi,ik->ok", m, rel_pos.astype(jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST).astype(rel_pos.dtype)
+    # Coordinates in float32 and truncated, as the reference computes them.
+    q_coords = np.arange(q_size, dtype=np.float32)[:, None] * np.float32(max(k_size / q_size, 1.0))
+    k_coords = np.arange(k_size, dtype=np.float32)[None, :] * np.float32(max(q_size / k_size, 1.0))
+    rel = (q_coords - k_coords) + np.float32((k_size - 1) * max(q_size / k_size, 1.0))
+    return rel_pos[rel.astype(np.int32)]
+
+
+def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.Array,
+                      rel_pos_w: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """Self-attention over an (h, w) token grid with decomposed relative positions.
+
+    q, k, v: (B, L, N, K) with L = h * w in raster order; rel_pos_h / rel_pos_w:
+    (Th, K) / (Tw, K) tables. logits = q k^T / sqrt(K) + q . R_h[row(q), row(k)] +
+    q . R_w[col(q), col(k)] (the position terms use the unscaled q, as the reference).
+    Softmax in float32. Returns (B, L, N, K).
+    """
+    h, w = hw
+    q, k, v = (einops.rearrange(t, "b l n k -> b n l k") for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bnqk,bnsk->bnqs", q * jnp.asarray(scale, q.dtype), k)
+    rh = get_rel_pos(h, h, rel_pos_h).astype(q.dtype)  # (h, h, K)
+    rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)  # (w, w, K)
+    qg = einops.rearrange(q, "b n (h w) k -> b n h w k", h=h)
+    rel_h = jnp.einsum("bnhwk,hyk->bnhwy", qg, rh)  # (B, N, h, w, h)
+    rel_w = jnp.einsum("bnhwk,wxk->bnhwx", qg, rw)  # (B, N, h, w, w)
+    logits = einops.rearrange(logits.astype(jnp.float32), "b n (h w) (y x) -> b n h w y x", h=h, y=h)
+    logits = logits + rel_h[..., :, None].astype(jnp.float32) + rel_w[..., None, :].astype(jnp.float32)
+    # NOTE: softmax in fp32 under bf16 compute (SAM in fp16 without it is garbage).
+    probs = jax.nn.softmax(einops.rearrange(logits, "b n h w y x -> b n (h w) (y x)"), axis=-1)
+    out = jnp.einsum("bnqs,bnsk->bnqk", probs.astype(v.dtype), v)
+    return einops.rearrange(out, "b n l k -> b l n k")
+
+
+class RelPosAttention(nn.Module):
+    """Multi-head self-attention on a token grid with decomposed relative positions.
+
+    x: (B, H, W, D) -> (B, H, W, D). `input_size` S sets the tables `rel_pos_h/w`
+    (2S - 1, K); another grid size resizes them linearly (see `get_rel_pos`).
+    """
+
+    num_heads: int
+    input_size: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"width {d} is not divisible by {self.num_heads} heads")
+        head_dim = d // self.num_heads
+        table = (2 * self.input_size - 1, head_dim)
+        # the reference initialises the tables at zero (rel_pos_zero_init=True)
+        rel_pos_h = self.param("rel_pos_h", _logical(nn.initializers.zeros, (None, None)), table)
+        rel_pos_w = self.param("rel_pos_w", _logical(nn.initializers.zeros, (None, None)), table)
+        qkv = nn.Dense(
+            3 * d, use_bias=self.qkv_bias, dtype=self.dtype,
+            kernel_init=_logical(dense_init, ("embed", "heads")),
+            bias_init=_logical(nn.initializers.zeros, ("heads",)), name="qkv",
+        )(x.reshape(b, h * w, d))
+        q, k, v = einops.rearrange(qkv, "b l (t n k) -> t b l n k", t=3, n=self.num_heads)
+        out = rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (h, w))  # (B, L, N, K)
+        out = nn.Dense(
+            d, dtype=self.dtype,
+            kernel_init=_logical(dense_init, ("heads", "embed")),
+            bias_init=_logical(nn.initializers.zeros, ("embed",)), name="proj",
+        )(einops.rearrange(out, "b l n k -> b l (n k)"))
+        return out.reshape(b, h, w, d)
+
+
+class WindowedBlock(nn.Module):
+    """Pre-norm ViTDet / SAM block on a token grid: windowed (window_size > 0) or
+    global (window_size = 0) rel-pos attention, then an MLP (`mlp_names` layers).
+
+    x: (B, H, W, D) -> (B, H, W, D). LayerNorms compute and return float32 whatever
+    `dtype` is; the residual stream keeps the input's dtype (promoted by the adds).
+    `input_size`: the token grid the global tables were trained for.
+    """
+
+    num_heads: int
+    input_size: int
+    window_size: int = 0
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    ln_eps: float = 1e-6
+    mlp_names: tuple[str, str] = ("lin1", "lin2")
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, d = x.shape
+        ln = dict(epsilon=self.ln_eps, dtype=jnp.float32, use_fast_variance=False,
+                  scale_init=_logical(nn.initializers.ones, ("embed",)),
+                  bias_init=_logical(nn.initializers.zeros, ("embed",)))
+        y = nn.LayerNorm(name="norm1", **ln)(x)
+        ws = self.window_size
+        if ws > 0:
+            y, pad_hw = window_partition(y, ws)  # (B * nW, ws, ws, D)
+        y = RelPosAttention(self.num_heads, ws if ws > 0 else self.input_size, self.qkv_bias,
+                            self.dtype, name="attn")(y)
+        if ws > 0:
+            y = window_unpartition(y, ws, pad_hw, (h, w))
+        x = x + y
+        y = nn.LayerNorm(name="norm2", **ln)(x).reshape(b, h * w, d)
+        y = Mlp(int(d * self.mlp_ratio), self.dtype, self.mlp_names, name="mlp")(y)
+        return x + y.reshape(b, h, w, d)

@@ -1,0 +1,115 @@
+"""SAM mask decoder: output tokens + prompt tokens through the two-way transformer, an
+upscaled image embedding, hypernetwork MLPs that turn mask tokens into per-pixel
+weights, and an IoU prediction head.
+
+Legend: B batch (image x prompt pairs), T prompt tokens, C width, h/w embedding grid,
+M masks (num_multimask_outputs + 1 before slicing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segjax.models.sam.image_encoder import layer_norm_2d
+from segjax.models.sam.transformer import TwoWayTransformer
+from segjax.models.vit import gelu_erf
+
+Dtype = Any
+
+
+class PatchConvTranspose(nn.Module):
+    """ConvTranspose2d with kernel_size == stride (non-overlapping): each input pixel
+    writes one k x k output patch. x (B, H, W, I) -> (B, kH, kW, O).
+
+    out[k*i + a, k*j + b, o] = sum_c x[i, j, c] kernel[a, b, c, o] + bias[o]; kernel
+    (k, k, I, O) is torch's ConvTranspose2d weight [I, O, k, k] transposed (2, 3, 0, 1),
+    no spatial flip (torch's transposed conv scatters without flipping).
+    """
+
+    features: int
+    kernel_size: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jnp.einsum("bhwc,pqco->bhpwqo", x, kernel)
+        return einops.rearrange(y, "b h p w q o -> b (h p) (w q) o") + bias.astype(self.dtype)
+
+
+class MLP(nn.Module):
+    """layers_0 .. layers_{n-1} with ReLU between them. x (..., I) -> (..., output_dim)."""
+
+    hidden_dim: int
+    output_dim: int
+    num_layers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype, name=f"layers_{i}")(x)
+            if not last:
+                x = nn.relu(x)
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """Predicts masks and their IoU from an image embedding and prompt tokens.
+
+    __call__(image_embeddings (B, h, w, C), dense (B or 1, h, w, C) or (B, 1, 1, C),
+    image_pe (h, w, C), sparse (B, T, C), token_mask (B, T) bool, multimask_output
+    (static bool)) -> (masks (B, M', 4h, 4w) float32, iou (B, M') float32), M' = 3 masks
+    1..3 with multimask_output else 1 mask (index 0), exactly the reference slicing.
+    """
+
+    transformer_dim: int = 256
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    depth: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    attention_downsample_rate: int = 2
+    ln_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_embeddings, dense, image_pe, sparse, token_mask, multimask_output: bool = True):
+        c, dt = self.transformer_dim, self.dtype
+        n_masks = self.num_multimask_outputs + 1
+        b, h, w, _ = image_embeddings.shape
+        iou_token = nn.Embed(1, c, name="iou_token")(jnp.arange(1))  # (1, C)
+        mask_tokens = nn.Embed(n_masks, c, name="mask_tokens")(jnp.arange(n_masks))  # (M, C)
+        out_tokens = jnp.concatenate([iou_token, mask_tokens], axis=0).astype(jnp.float32)
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(out_tokens, (b, 1 + n_masks, c)), sparse.astype(jnp.float32)], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, 1 + n_masks), bool), token_mask], axis=1)
+
+        src = (image_embeddings + dense).astype(jnp.float32).reshape(b, h * w, c)
+        pos = image_pe.astype(jnp.float32).reshape(1, h * w, c)
+        hs, src = TwoWayTransformer(self.depth, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
+                                    self.ln_eps, dt, name="transformer")(src, pos, tokens, mask)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1:1 + n_masks]  # (B, M, C)
+
+        x = PatchConvTranspose(c // 4, 2, dt, name="output_upscaling_0")(src.reshape(b, h, w, c))
+        x = gelu_erf(layer_norm_2d("output_upscaling_1")(x))
+        x = gelu_erf(PatchConvTranspose(c // 8, 2, dt, name="output_upscaling_3")(x))  # (B, 4h, 4w, C/8)
+        hyper_in = jnp.stack(
+            [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i])
+             for i in range(n_masks)], axis=1)  # (B, M, C/8)
+        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(dt), x.astype(dt)).astype(jnp.float32)
+        iou_pred = MLP(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, dt,
+                       name="iou_prediction_head")(iou_token_out).astype(jnp.float32)
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]
