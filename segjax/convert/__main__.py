@@ -7,6 +7,8 @@
       [--hf-naming {legacy,v5,v5_saved}]
   python -m segjax.convert sam SRC OUT_DIR [--variant sam_vit_b] [--decoder-num-heads N]
   python -m segjax.convert sam --reverse SEGJAX_DIR OUT [--format {official,hf}]
+  python -m segjax.convert maskrcnn SRC OUT_DIR [--bn-eps EPS] [--variant NAME] [--model-kwargs JSON]
+  python -m segjax.convert maskrcnn --reverse SEGJAX_DIR OUT.pth [--[no-]num-batches-tracked]
 
 SRC: official MAE `.pth`, a timm ViT `.pth`/`.safetensors`, or a Hugging Face ViTMAE
 `model.safetensors` / `pytorch_model.bin` / model directory (config.json is read when
@@ -97,12 +99,46 @@ def _run_sam(args) -> int:
     return 0
 
 
+def _add_maskrcnn(sub) -> None:
+    p = sub.add_parser("maskrcnn", help="torchvision Mask R-CNN (maskrcnn_resnet50_fpn, _v2)")
+    p.add_argument("src", help="torchvision state dict .pth/.safetensors (or, with --reverse, a segjax dir)")
+    p.add_argument("out", help="segjax checkpoint dir (or, with --reverse, the output .pth path)")
+    p.add_argument("--bn-eps", type=float,
+                   help="backbone BatchNorm eps (default: 0 for legacy COCO weights without "
+                        "num_batches_tracked, else 1e-5)")
+    p.add_argument("--variant", help="registry name whose defaults fill anchors/thresholds/sizes "
+                                     "(default mask_rcnn_r50_fpn[_v2])")
+    p.add_argument("--model-kwargs", default="{}", help="JSON dict of MaskRCNN field overrides")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="source keys that may be dropped (repeatable)")
+    p.add_argument("--reverse", action="store_true", help="segjax -> torchvision state dict")
+    p.add_argument("--num-batches-tracked", action=argparse.BooleanOptionalAction, default=None,
+                   help="--reverse: write nn.BatchNorm2d counters (default: as the source had)")
+    p.set_defaults(run=_run_maskrcnn)
+
+
+def _run_maskrcnn(args) -> int:
+    from segjax.convert import maskrcnn
+
+    if args.reverse:
+        path = maskrcnn.export(args.src, args.out, args.num_batches_tracked)
+        print(f"wrote torchvision weights to {path}")
+        return 0
+    meta, report = maskrcnn.convert(args.src, args.out, bn_eps=args.bn_eps, variant=args.variant,
+                                    model_kwargs=json.loads(args.model_kwargs), ignore=args.ignore)
+    print(report.summary())
+    print(json.dumps(meta, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segjax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="family", required=True)
     _add_mae(sub)
     _add_sam(sub)
+    _add_maskrcnn(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import flax.linen as nn
 
 from segjax.models.classifier import VisionTransformer
+from segjax.models.detection import VARIANTS as _MASK_RCNN
+from segjax.models.detection import MaskRCNN
+from segjax.models.detection import builder as _mask_rcnn_builder
 from segjax.models.mae import MAE
 from segjax.models.sam import Sam
 
@@ -58,6 +61,10 @@ _SAM = {
 for _name, _sam in _SAM.items():
     MODELS[f"sam_vit_{_name}"] = _builder(Sam, **_sam)
 
+# Mask R-CNN (torchvision maskrcnn_resnet50_fpn / _v2) and a tiny CPU variant.
+for _name, _kw in _MASK_RCNN.items():
+    MODELS[_name] = _mask_rcnn_builder(**_kw)
+
 
 def build(name: str, **overrides) -> nn.Module:
     """Builds a registered model; unknown names and fields fail with the valid choices."""
@@ -71,4 +78,4 @@ def build(name: str, **overrides) -> nn.Module:
     return builder(**overrides)
 
 
-__all__ = ["MODELS", "build", "MAE", "Sam", "VisionTransformer"]
+__all__ = ["MODELS", "build", "MAE", "MaskRCNN", "Sam", "VisionTransformer"]

@@ -1,0 +1,134 @@
+"""ResNet (v1.5) body with frozen BatchNorm, in torchvision's layout, for detection.
+
+Legend: B batch, H/W spatial size, C channels.
+
+Matches `torchvision.models.resnet.ResNet` with `Bottleneck` blocks and
+`torchvision.ops.misc.FrozenBatchNorm2d` as the norm layer: the stride sits in the 3x3
+conv (v1.5), every conv and pool pads symmetrically like torch (Flax's 'SAME' pads
+stride-2 convs asymmetrically), and the four BatchNorm tensors are fixed (torchvision
+registers all four as buffers, so none of them is ever trained).
+
+Parameter names follow the torch state dict: `conv1`, `bn1`, `layer{i}_{j}/conv{k}`,
+`layer{i}_{j}/bn{k}`, `layer{i}_{j}/downsample_0` (1x1 conv), `.../downsample_1` (BN).
+A BatchNorm holds `scale`, `bias`, `mean`, `var` (torch weight, bias, running_mean,
+running_var) as params; `FROZEN_BN` and `frozen_patterns` name them for the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Regex (of '/'-joined param paths) matching every frozen-BatchNorm tensor of the model.
+FROZEN_BN = r"(^|/)(bn\d*|downsample_1|\w+_bn)/(scale|bias|mean|var)$"
+
+
+def frozen_patterns(trainable_layers: int = 3) -> tuple[str, ...]:
+    """Regexes of the params torchvision does not train (for `optim.frozen`).
+
+    trainable_layers: 0..5 ResNet stages trained counting from the last, as
+      torchvision's `trainable_backbone_layers` (default 3: conv1 and layer1 frozen;
+      5: everything). BatchNorm tensors are always frozen.
+    """
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"]
+    frozen = stages[trainable_layers:]
+    return (FROZEN_BN, *(rf"^backbone/body/{s}(_\d+)?/" for s in frozen))
+
+
+class FrozenBatchNorm(nn.Module):
+    """`x * scale / sqrt(var + eps) + (bias - mean * scale / sqrt(var + eps))`.
+
+    eps: 0 for the legacy torchvision COCO weights, 1e-5 for v2 / detectron2 / fresh
+    models. The four tensors are params behind `stop_gradient` (never trained).
+    """
+
+    eps: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        sg = jax.lax.stop_gradient
+        w = sg(self.param("scale", nn.initializers.ones, (c,), jnp.float32))
+        b = sg(self.param("bias", nn.initializers.zeros, (c,), jnp.float32))
+        mean = sg(self.param("mean", nn.initializers.zeros, (c,), jnp.float32))
+        var = sg(self.param("var", nn.initializers.ones, (c,), jnp.float32))
+        # same association as FrozenBatchNorm2d.forward (fold into scale and bias)
+        scale = w * jax.lax.rsqrt(var + self.eps)
+        shift = b - mean * scale
+        return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None, bias: bool = False,
+         name: str | None = None, dtype=jnp.float32, kernel_init=None) -> nn.Conv:
+    """A torch-style Conv2d: symmetric explicit padding (default kernel // 2)."""
+    p = kernel // 2 if padding is None else padding
+    kw = {} if kernel_init is None else {"kernel_init": kernel_init}
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
+                   use_bias=bias, name=name, dtype=dtype, **kw)
+
+
+class Bottleneck(nn.Module):
+    """torchvision `Bottleneck`: 1x1 -> 3x3 (stride) -> 1x1 (x4), projection shortcut."""
+
+    planes: int
+    stride: int = 1
+    width: int = 64  # bottleneck width = planes * width_per_group / 64
+    downsample: bool = False
+    bn_eps: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_ch = self.planes * 4
+        y = nn.relu(FrozenBatchNorm(self.bn_eps, name="bn1")(conv(self.width, 1, name="conv1", dtype=self.dtype)(x)))
+        y = conv(self.width, 3, self.stride, name="conv2", dtype=self.dtype)(y)
+        y = nn.relu(FrozenBatchNorm(self.bn_eps, name="bn2")(y))
+        y = FrozenBatchNorm(self.bn_eps, name="bn3")(conv(out_ch, 1, name="conv3", dtype=self.dtype)(y))
+        if self.downsample:
+            x = conv(out_ch, 1, self.stride, name="downsample_0", dtype=self.dtype)(x)
+            x = FrozenBatchNorm(self.bn_eps, name="downsample_1")(x)
+        return nn.relu(y + x)
+
+
+class ResNetBody(nn.Module):
+    """ResNet stem + 4 stages; returns the stage outputs C2..C5.
+
+    depths: blocks per stage ((3, 4, 6, 3) = ResNet-50).
+    stem_width: conv1 channels (64). width_per_group: 64 for ResNet-50 (bottleneck
+      widths 64/128/256/512; smaller values give a thinner tiny model).
+    trainable_layers: stages trained counting from the last (torchvision default 3);
+      the frozen prefix runs under `stop_gradient` so no backward is spent on it
+      (its params must also be frozen in the optimizer: `frozen_patterns`).
+    """
+
+    depths: Sequence[int] = (3, 4, 6, 3)
+    stem_width: int = 64
+    width_per_group: int = 64
+    bn_eps: float = 0.0
+    trainable_layers: int = 3
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        """x: (B, H, W, 3) normalised image -> [C2 (B, H/4, W/4, 256), ..., C5 (B, H/32, W/32, 2048)]
+        (channel counts for ResNet-50)."""
+        x = conv(self.stem_width, 7, 2, 3, name="conv1", dtype=self.dtype)(x.astype(self.dtype))
+        x = nn.relu(FrozenBatchNorm(self.bn_eps, name="bn1")(x))
+        if self.trainable_layers < 5:  # bn1 and conv1 are trained only with all 5 layers
+            x = jax.lax.stop_gradient(x)
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf like torch
+        outs = []
+        for i, (depth, planes) in enumerate(zip(self.depths, (64, 128, 256, 512))):
+            for j in range(depth):
+                x = Bottleneck(planes, stride=(1 if i == 0 else 2) if j == 0 else 1,
+                               width=planes * self.width_per_group // 64, downsample=j == 0,
+                               bn_eps=self.bn_eps, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x)
+            if 4 - i > self.trainable_layers:  # stage i+1 is frozen, and so is all before it
+                x = jax.lax.stop_gradient(x)
+            outs.append(x)
+        return outs

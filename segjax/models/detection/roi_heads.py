@@ -1,0 +1,367 @@
+"""Box and mask heads of Mask R-CNN (torchvision `RoIHeads`), their losses and post-processing.
+
+Legend: B batch, R RoIs per image, S sampled RoIs, C classes (incl. background 0),
+M ground-truth instances (padded, valid mask), D detections per image, H/W input size.
+
+Heads (params named after torchvision's state dict; `roi_heads/box_head/fc6` etc.):
+  box_head:      `fc6`, `fc7` (TwoMLPHead), or with `box_convs` (v2) `conv{i}` 3x3 +
+                 `conv{i}_bn` + ReLU then `fc` (FastRCNNConvFCHead)
+  box_predictor: `cls_score` (C), `bbox_pred` (4C)
+  mask_head:     `conv{0..3}` 3x3 + ReLU (v2: + `conv{i}_bn`); torch `mask_head.{i}.0`, legacy `mask_fcn{i+1}`
+  mask_predictor:`conv5_mask` ConvTranspose 2x2 s2 + ReLU, `mask_fcn_logits` 1x1 (C)
+RoI features come from `segjax.ops.roi_align.multiscale_roi_align` (MultiScaleRoIAlign,
+sampling_ratio 2, aligned=False: box 7x7, mask 14x14) on the four finest FPN levels.
+
+NOTE: the flattened RoI features are (h, w, c) ordered (NHWC); torchvision flattens
+(c, h, w). The converter permutes the input rows of `fc6` / `fc` accordingly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segjax.models.detection.backbone import FrozenBatchNorm, conv
+from segjax.models.detection.rpn import bce_with_logits, smooth_l1
+from segjax.ops import boxes as box_ops
+from segjax.ops import matcher
+from segjax.ops.nms import batched_nms
+from segjax.ops.roi_align import multiscale_roi_align
+
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+BBOX_CLIP = math.log(1000.0 / 16)
+
+
+class ConvTranspose2x2(nn.Module):
+    """torch `ConvTranspose2d(k=2, s=2, p=0)`: each input pixel writes one 2x2 output patch.
+
+    kernel: (2, 2, out, in) = torch weight [in, out, kH, kW] through the 'conv' layout.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, h, w, in) -> (N, 2h, 2w, out)."""
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        k = self.param("kernel", init, (2, 2, self.features, x.shape[-1]), jnp.float32)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.einsum("nhwc,yxoc->nhywxo", x.astype(self.dtype), k.astype(self.dtype))
+        n, h, _, w, _, o = y.shape
+        return y.reshape(n, 2 * h, 2 * w, o) + b.astype(self.dtype)  # (N, 2h, 2w, out)
+
+
+class BoxHead(nn.Module):
+    """TwoMLPHead (`fc6`, `fc7`), or with `convs` FastRCNNConvFCHead (`conv{i}` 3x3 [+
+    `conv{i}_bn`] + ReLU, then `fc` + ReLU). (N, 7, 7, F) -> (N, representation_size)."""
+
+    representation_size: int = 1024
+    convs: Sequence[int] = ()
+    norm: bool = False
+    bn_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        for i, c in enumerate(self.convs):
+            x = conv(c, 3, bias=not self.norm, name=f"conv{i}", dtype=self.dtype, kernel_init=kaiming)(x)
+            if self.norm:
+                x = FrozenBatchNorm(self.bn_eps, name=f"conv{i}_bn")(x)
+            x = nn.relu(x)
+        x = x.reshape(x.shape[0], -1)  # (N, 7*7*F), (h, w, c) order
+        if self.convs:
+            return nn.relu(nn.Dense(self.representation_size, name="fc", dtype=self.dtype)(x))
+        x = nn.relu(nn.Dense(self.representation_size, name="fc6", dtype=self.dtype)(x))
+        return nn.relu(nn.Dense(self.representation_size, name="fc7", dtype=self.dtype)(x))
+
+
+class BoxPredictor(nn.Module):
+    """FastRCNNPredictor: `cls_score` (C) and `bbox_pred` (4C, class-major)."""
+
+    num_classes: int = 91
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cls = nn.Dense(self.num_classes, name="cls_score", dtype=self.dtype)(x)
+        reg = nn.Dense(4 * self.num_classes, name="bbox_pred", dtype=self.dtype)(x)
+        return cls.astype(jnp.float32), reg.astype(jnp.float32)
+
+
+class MaskHead(nn.Module):
+    """MaskRCNNHeads: `conv{i}` 3x3 [+ `conv{i}_bn`] + ReLU (torch `mask_head.{i}.0` /
+    legacy `mask_fcn{i+1}`)."""
+
+    layers: Sequence[int] = (256, 256, 256, 256)
+    norm: bool = False
+    bn_eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        for i, c in enumerate(self.layers):
+            x = conv(c, 3, bias=not self.norm, name=f"conv{i}", dtype=self.dtype, kernel_init=kaiming)(x)
+            if self.norm:
+                x = FrozenBatchNorm(self.bn_eps, name=f"conv{i}_bn")(x)
+            x = nn.relu(x)
+        return x
+
+
+class MaskPredictor(nn.Module):
+    """`conv5_mask` (ConvTranspose 2x2 s2) + ReLU, `mask_fcn_logits` 1x1 (C)."""
+
+    num_classes: int = 91
+    dim_reduced: int = 256
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        x = nn.relu(ConvTranspose2x2(self.dim_reduced, self.dtype, name="conv5_mask")(x))
+        return conv(self.num_classes, 1, bias=True, name="mask_fcn_logits", dtype=self.dtype,
+                    kernel_init=kaiming)(x).astype(jnp.float32)
+
+
+class RoIHeads(nn.Module):
+    """Box head + predictor and mask head + predictor; called through `box` and `mask`."""
+
+    num_classes: int = 91
+    representation_size: int = 1024
+    box_convs: Sequence[int] = ()  # v2: (256, 256, 256, 256)
+    mask_layers: Sequence[int] = (256, 256, 256, 256)
+    mask_dim_reduced: int = 256
+    norm: bool = False  # v2: BatchNorm after every head conv
+    bn_eps: float = 1e-5
+    box_pool_size: int = 7
+    mask_pool_size: int = 14
+    sampling_ratio: int = 2
+    aligned: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.box_head = BoxHead(self.representation_size, tuple(self.box_convs), self.norm, self.bn_eps,
+                                self.dtype)
+        self.box_predictor = BoxPredictor(self.num_classes, self.dtype)
+        self.mask_head = MaskHead(tuple(self.mask_layers), self.norm, self.bn_eps, self.dtype)
+        self.mask_predictor = MaskPredictor(self.num_classes, self.mask_dim_reduced, self.dtype)
+
+    def _pool(self, feats, boxes, image_hw, size):
+        boxes = jax.lax.stop_gradient(boxes)
+        x = multiscale_roi_align(feats[:4], boxes, image_hw, (size, size), self.sampling_ratio,
+                                 self.aligned)  # (B, R, size, size, F)
+        return x.reshape(-1, *x.shape[2:]).astype(self.dtype)  # (B*R, size, size, F)
+
+    def box(self, feats: list[jax.Array], boxes: jax.Array, image_hw: tuple[int, int]
+            ) -> tuple[jax.Array, jax.Array]:
+        """feats: FPN levels [(B, H_l, W_l, F)] (the first four are pooled); boxes:
+        (B, R, 4) XYXY input px; image_hw: static (H, W) of the padded input (sets the
+        level scales). Returns class_logits (B, R, C), box_deltas (B, R, 4C) float32."""
+        b, r = boxes.shape[:2]
+        x = self.box_head(self._pool(feats, boxes, image_hw, self.box_pool_size))
+        cls, reg = self.box_predictor(x)
+        return cls.reshape(b, r, -1), reg.reshape(b, r, -1)
+
+    def mask(self, feats: list[jax.Array], boxes: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
+        """boxes: (B, R, 4) -> mask logits (B, R, 2*pool, 2*pool, C) float32 (28x28 by default)."""
+        b, r = boxes.shape[:2]
+        x = self.mask_predictor(self.mask_head(self._pool(feats, boxes, image_hw, self.mask_pool_size)))
+        return x.reshape(b, r, *x.shape[1:])
+
+    def __call__(self, feats, boxes, image_hw):
+        """Both heads on the same boxes (used for init)."""
+        return self.box(feats, boxes, image_hw), self.mask(feats, boxes, image_hw)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def box_postprocess(class_logits: jax.Array, box_deltas: jax.Array, proposals: jax.Array,
+                    proposal_valid: jax.Array, image_hw: jax.Array, score_thresh: float = 0.05,
+                    nms_thresh: float = 0.5, detections_per_img: int = 100,
+                    num_candidates: int = 4000, weights: Sequence[float] = BOX_WEIGHTS
+                    ) -> dict[str, jax.Array]:
+    """torchvision `postprocess_detections` with static shapes.
+
+    Softmax, per-class decode, clip, drop background, score > score_thresh, remove
+    boxes smaller than 1e-2, NMS per class, keep the top `detections_per_img`.
+    NOTE: the NMS runs on the `num_candidates` best-scoring (class, box) pairs that pass
+    the thresholds (torchvision: all of them). The results are identical whenever at
+    most `num_candidates` pairs pass (reported as `num_passing`); beyond that only
+    pairs scoring below all those candidates can be missed.
+
+    Args:
+      class_logits: (B, R, C); box_deltas: (B, R, 4C); proposals: (B, R, 4);
+      proposal_valid: (B, R) bool; image_hw: (B, 2) resized image sizes.
+    Returns:
+      dict(boxes (B, D, 4), scores (B, D), labels (B, D) int32, valid (B, D) bool,
+      num_passing (B,) int32), detections by decreasing score.
+    """
+    b, r, c = class_logits.shape
+    scores = jax.nn.softmax(class_logits, axis=-1)
+    deltas = box_deltas.reshape(b, r, c, 4)
+    boxes = box_ops.decode_boxes(deltas, jnp.broadcast_to(proposals[:, :, None, :], deltas.shape),
+                                 weights, BBOX_CLIP)  # (B, R, C, 4)
+    labels = jnp.tile(jnp.arange(1, c, dtype=jnp.int32), r)  # (R*(C-1),), (r, c) order
+
+    def per_image(boxes, scores, pvalid, hw):
+        boxes = box_ops.clip_boxes(boxes, hw)[:, 1:].reshape(-1, 4)
+        scores = scores[:, 1:].reshape(-1)
+        valid = (jnp.repeat(pvalid, c - 1) & (scores > score_thresh)
+                 & box_ops.remove_small_boxes(boxes, 1e-2))
+        k = min(num_candidates, scores.shape[0])
+        _, idx = jax.lax.top_k(jnp.where(valid, scores, -1.0), k)
+        keep, kvalid = batched_nms(boxes[idx], scores[idx], labels[idx], nms_thresh,
+                                       detections_per_img, valid[idx])
+        sel = idx[keep]
+        return (jnp.where(kvalid[:, None], boxes[sel], 0.0), jnp.where(kvalid, scores[sel], 0.0),
+                jnp.where(kvalid, labels[sel], 0), kvalid, valid.sum().astype(jnp.int32))
+
+    boxes, scores, labels, valid, passing = jax.vmap(per_image)(boxes, scores, proposal_valid, image_hw)
+    return {"boxes": boxes, "scores": scores, "labels": labels, "valid": valid, "num_passing": passing}
+
+
+def mask_probs(mask_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """(B, D, h, w, C) logits, (B, D) labels -> (B, D, h, w) sigmoid of the labelled class."""
+    picked = jnp.take_along_axis(mask_logits, labels[:, :, None, None, None], axis=-1)[..., 0]
+    return jax.nn.sigmoid(picked)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def select_training_samples(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.Array,
+                            gt_labels: jax.Array, gt_valid: jax.Array, rng: jax.Array,
+                            fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
+                            batch_size_per_image: int = 512, positive_fraction: float = 0.25,
+                            weights: Sequence[float] = BOX_WEIGHTS) -> dict[str, jax.Array]:
+    """torchvision `select_training_samples` with static shapes.
+
+    The gt boxes are appended to the proposals, proposals matched with Matcher(0.5, 0.5),
+    the balanced sampler picks S = batch_size_per_image of them; the slots hold the
+    sampled RoIs in increasing proposal index (torchvision's `where(pos | neg)` order).
+
+    Args:
+      proposals: (B, P, 4); proposal_valid: (B, P); gt_boxes: (B, M, 4);
+      gt_labels: (B, M) int; gt_valid: (B, M) bool; rng: sampler key.
+    Returns dict of
+      rois (B, S, 4), labels (B, S) int32 (0 background), matched_idx (B, S) int32,
+      regression_targets (B, S, 4), valid (B, S) bool,
+      mask_slots (B, Sp) int32 indices into S of the positive RoIs (first the
+      positives, in slot order; Sp = int(S * positive_fraction)), mask_valid (B, Sp).
+    """
+    num_pos_slots = int(batch_size_per_image * positive_fraction)
+
+    def per_image(props, pvalid, gt, gl, gv, key):
+        boxes = jnp.concatenate([props, gt], 0)  # (P+M, 4)
+        valid = jnp.concatenate([pvalid, gv], 0)
+        has_gt = gv.any()
+        matched = matcher.match(box_ops.box_iou(gt, boxes), gv, fg_iou_thresh, bg_iou_thresh, False)
+        midx = jnp.where(has_gt, jnp.maximum(matched, 0), 0)
+        labels = jnp.where(matched >= 0, gl[midx], jnp.where(matched == -1, 0, -1))
+        labels = jnp.where(has_gt, labels, 0)
+        labels = jnp.where(valid, labels, -1).astype(jnp.int32)  # padding is never sampled
+        samp = jnp.where(labels > 0, 1, labels)  # 1 fg, 0 bg, -1 ignore
+        pos, neg = matcher.sample_balanced(samp, batch_size_per_image, positive_fraction, key)
+        chosen = pos | neg
+        order = jnp.argsort(~chosen, stable=True)[:batch_size_per_image]
+        slot_valid = chosen[order]
+        rois = boxes[order]
+        lab = jnp.where(slot_valid, labels[order], 0)
+        m = midx[order]
+        gt_for = jnp.where(has_gt, gt[m].T, 0.0).T  # torchvision: a zero box without gt
+        targets = box_ops.encode_boxes(gt_for, rois, weights)
+        pos_slot = slot_valid & (lab > 0)
+        slots = jnp.argsort(~pos_slot, stable=True)[:num_pos_slots].astype(jnp.int32)
+        return rois, lab, m.astype(jnp.int32), targets, slot_valid, slots, pos_slot[slots]
+
+    keys = jax.random.split(rng, proposals.shape[0])
+    out = jax.vmap(per_image)(proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, keys)
+    names = ("rois", "labels", "matched_idx", "regression_targets", "valid", "mask_slots", "mask_valid")
+    return dict(zip(names, (jax.lax.stop_gradient(x) for x in out)))
+
+
+def fastrcnn_loss(class_logits: jax.Array, box_deltas: jax.Array, labels: jax.Array,
+                  regression_targets: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict]:
+    """torchvision `fastrcnn_loss`: CE over the sampled RoIs of the batch + smooth-L1
+    (beta 1/9) of the gt class's deltas on positives, summed / number of sampled RoIs.
+
+    class_logits (B, S, C); box_deltas (B, S, 4C); labels (B, S); targets (B, S, 4);
+    valid (B, S) -> (loss, {'loss_classifier', 'loss_box_reg'}).
+    """
+    b, s, c = class_logits.shape
+    n = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    logp = jax.nn.log_softmax(class_logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    loss_cls = jnp.sum(jnp.where(valid, ce, 0.0)) / n
+    deltas = jnp.take_along_axis(box_deltas.reshape(b, s, c, 4), labels[..., None, None], axis=2)[:, :, 0]
+    pos = valid & (labels > 0)
+    targets = jnp.where(pos[..., None], regression_targets, 0.0)  # no inf/NaN into the gradient
+    box = smooth_l1(deltas - targets, 1.0 / 9).sum(-1)
+    loss_box = jnp.sum(jnp.where(pos, box, 0.0)) / n
+    return loss_cls + loss_box, {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+
+
+def _roi_align_weights(lo: jax.Array, hi: jax.Array, size: int, out: int, n_max: int) -> jax.Array:
+    """Separable torchvision roi_align weights along one axis (aligned=False, scale 1,
+    adaptive sampling ceil(roi / out) per bin): (out, size) such that a pooled value
+    is W_y @ image @ W_x.T. Samples outside [-1, size] count zero, those in [-1, 0)
+    clamp to 0, at size - 1 the upper neighbour is the pixel itself."""
+    length = jnp.maximum(hi - lo, 1.0)
+    bin_len = length / out
+    n = jnp.maximum(jnp.ceil(length / out), 1.0)
+    s = jnp.arange(n_max, dtype=jnp.float32)
+    pos = lo + jnp.arange(out, dtype=jnp.float32)[:, None] * bin_len + (s[None, :] + 0.5) * bin_len / n
+    ok = (s[None, :] < n) & (pos >= -1.0) & (pos <= size)  # (out, n_max)
+    pos = jnp.clip(pos, 0.0, size - 1.0)
+    grid = jnp.arange(size, dtype=jnp.float32)
+    hat = jnp.maximum(0.0, 1.0 - jnp.abs(pos[..., None] - grid))  # (out, n_max, size)
+    return jnp.sum(jnp.where(ok[..., None], hat, 0.0), axis=1) / n
+
+
+def project_masks_on_boxes(gt_masks: jax.Array, boxes: jax.Array, matched_idx: jax.Array,
+                           size: int = 28, chunk: int = 32) -> jax.Array:
+    """torchvision `project_masks_on_boxes`: roi_align(gt mask of each RoI's matched gt,
+    box, (size, size), spatial_scale 1, sampling_ratio -1 (adaptive), aligned=False).
+
+    Computed separably (W_y @ mask @ W_x.T) for exactly one mask per RoI, in chunks of
+    `chunk` RoIs, so memory stays O(chunk * H * W) whatever M and the box sizes.
+    gt_masks (B, M, H, W); boxes (B, R, 4); matched_idx (B, R) -> (B, R, size, size) float32.
+    """
+    b, _, h, w = gt_masks.shape
+    r = boxes.shape[1]
+    n_max = int(math.ceil(max(h, w) / size)) + 1
+
+    def one(args):
+        bi, box, mi = args
+        mask = gt_masks[bi, mi].astype(jnp.float32)  # (H, W)
+        wy = _roi_align_weights(box[1], box[3], h, size, n_max)
+        wx = _roi_align_weights(box[0], box[2], w, size, n_max)
+        return wy @ mask @ wx.T
+
+    bidx = jnp.repeat(jnp.arange(b), r)
+    flat = (bidx, boxes.reshape(-1, 4), matched_idx.reshape(-1))
+    out = jax.lax.map(one, flat, batch_size=min(chunk, b * r))
+    return out.reshape(b, r, size, size)
+
+
+def maskrcnn_loss(mask_logits: jax.Array, rois: jax.Array, labels: jax.Array, matched_idx: jax.Array,
+                  valid: jax.Array, gt_masks: jax.Array) -> tuple[jax.Array, dict]:
+    """torchvision `maskrcnn_loss`: mean per-pixel BCE of the gt class's mask logits
+    against the gt mask roi-aligned into the RoI (zero when there is no positive).
+
+    mask_logits (B, R, 28, 28, C); rois (B, R, 4); labels, matched_idx (B, R); valid (B, R);
+    gt_masks (B, M, H, W) -> (loss, {'loss_mask'}).
+    """
+    size = mask_logits.shape[2]
+    targets = jax.lax.stop_gradient(project_masks_on_boxes(gt_masks, rois, matched_idx, size))
+    logits = jnp.take_along_axis(mask_logits, labels[:, :, None, None, None], axis=-1)[..., 0]
+    per_roi = bce_with_logits(logits, targets).mean(axis=(-1, -2))
+    loss = jnp.sum(jnp.where(valid, per_roi, 0.0)) / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    return loss, {"loss_mask": loss}

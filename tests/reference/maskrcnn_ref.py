@@ -1,0 +1,117 @@
+"""torchvision Mask R-CNN references for the parity tests: seeded random models whose
+outputs are not degenerate (non-identity frozen BN, spread objectness and class scores)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+# The torch twin of the registry's `mask_rcnn_tiny` (keep in sync with segjax.models.detection).
+TINY = dict(num_classes=5, fpn=32, rep=64, mask_layers=[32, 32], mask_dim=32,
+            sizes=((8,), (16,), (32,), (64,), (128,)), min_size=128, max_size=192)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, cls_scale: float = 1.0) -> torch.nn.Module:
+    """Non-trivial frozen-BN statistics and spread head outputs, deterministically."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+                c = m.weight.shape[0]
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+        head = model.rpn.head
+        head.cls_logits.weight.normal_(0, 0.05, generator=g)
+        head.cls_logits.bias.normal_(0, 0.5, generator=g)
+        head.bbox_pred.weight.normal_(0, 0.01, generator=g)
+        pred = model.roi_heads.box_predictor
+        pred.cls_score.weight.mul_(cls_scale)
+        pred.bbox_pred.weight.normal_(0, 0.01, generator=g)
+        for m in model.modules():  # torch zero-inits conv biases: give them values too
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None and not m.bias.abs().sum():
+                m.bias.normal_(0, 0.01, generator=g)
+    return model
+
+
+def tiny_torch(seed: int = 0, v2: bool = False, **kw) -> MaskRCNN:
+    """torchvision MaskRCNN shaped like `mask_rcnn_tiny` (FrozenBatchNorm2d eps 1e-5), or
+    with `v2` like maskrcnn_resnet50_fpn_v2 (nn.BatchNorm2d everywhere, BN in FPN and
+    heads, 2-conv RPN head, conv+fc box head), narrow."""
+    torch.manual_seed(seed)
+    t = TINY
+    norm = torch.nn.BatchNorm2d if v2 else FrozenBatchNorm2d
+    body = resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], width_per_group=16, norm_layer=norm)
+    backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               [256, 512, 1024, 2048], t["fpn"], norm_layer=torch.nn.BatchNorm2d if v2 else None)
+    if v2:
+        heads = dict(rpn_head=RPNHead(t["fpn"], 3, conv_depth=2),
+                     box_head=FastRCNNConvFCHead((t["fpn"], 7, 7), [t["fpn"]] * 2, [t["rep"]], norm),
+                     mask_head=MaskRCNNHeads(t["fpn"], t["mask_layers"], 1, norm_layer=norm))
+    else:
+        heads = dict(rpn_head=RPNHead(t["fpn"], 3), box_head=TwoMLPHead(t["fpn"] * 49, t["rep"]),
+                     mask_head=MaskRCNNHeads(t["fpn"], t["mask_layers"], 1))
+    anchors = AnchorGenerator(t["sizes"], ((0.5, 1.0, 2.0),) * 5)
+    c = t["num_classes"]
+    model = MaskRCNN(
+        backbone, num_classes=None, min_size=t["min_size"], max_size=t["max_size"],
+        rpn_anchor_generator=anchors, rpn_head=heads["rpn_head"],
+        rpn_pre_nms_top_n_train=300, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_train=200,
+        rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=64,
+        box_head=heads["box_head"], box_predictor=FastRCNNPredictor(t["rep"], c),
+        box_batch_size_per_image=64, box_detections_per_img=20,
+        mask_head=heads["mask_head"],
+        mask_predictor=MaskRCNNPredictor(t["mask_layers"][-1], t["mask_dim"], c), **kw)
+    return randomize_(model.eval(), seed, cls_scale=4.0)
+
+
+def r50_torch(seed: int = 0, eps: float = 0.0, **kw) -> MaskRCNN:
+    """maskrcnn_resnet50_fpn as the COCO weights build it (FrozenBatchNorm2d, eps 0 like
+    the legacy weights, trainable_layers 3), randomly initialised."""
+    torch.manual_seed(seed)
+    body = resnet.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    model = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=91, **kw)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
+    return randomize_(model.eval(), seed, cls_scale=40.0)
+
+
+def chelsea() -> np.ndarray:
+    """(300, 451, 3) uint8 RGB: a real photo, not square."""
+    import skimage.data
+
+    return skimage.data.chelsea()
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> float CHW in [0, 1] (what torchvision's detection models take)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+def det_sampler_torch(batch_size: int, fraction: float):
+    """Deterministic BalancedPositiveNegativeSampler: the first candidates by index."""
+    def call(matched_idxs):
+        pos_out, neg_out = [], []
+        for m in matched_idxs:
+            pos = torch.where(m >= 1)[0]
+            neg = torch.where(m == 0)[0]
+            npos = min(int(batch_size * fraction), pos.numel())
+            nneg = min(batch_size - npos, neg.numel())
+            p = torch.zeros_like(m, dtype=torch.uint8)
+            n = torch.zeros_like(m, dtype=torch.uint8)
+            p[pos[:npos]] = 1
+            n[neg[:nneg]] = 1
+            pos_out.append(p)
+            neg_out.append(n)
+        return pos_out, neg_out
+    return call
