@@ -104,7 +104,9 @@ def test_train_losses_match_torchvision(tmp_path, monkeypatch):
     tv.rpn.fg_bg_sampler = det_sampler_torch(64, 0.5)
     tv.roi_heads.fg_bg_sampler = det_sampler_torch(64, 0.25)
     captured = {}
-    tv.rpn.register_forward_hook(lambda mod, args, out: captured.setdefault("props", out[0][0].detach()))
+    def keep_proposals(mod, args, out):
+        captured["props"] = out[0][0].detach()  # returns None: the output is unchanged
+    tv.rpn.register_forward_hook(keep_proposals)
     with torch.no_grad():
         il, tt = tv.transform([to_tensor(img)], [{k: v.clone() for k, v in target.items()}])
         ref = {k: float(v) for k, v in tv([to_tensor(img)], [target]).items()}
