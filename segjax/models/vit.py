@@ -274,39 +274,49 @@ def window_unpartition(windows: jax.Array, window: int, pad_hw: tuple[int, int],
     return x[:, :hw[0], :hw[1]]
 
 
+def _fma_source_index(scale: np.float32, dst: int) -> np.float32:
+    # torch's `scale * (dst + 0.5) - 0.5` in float32, which its compiled kernel evaluates
+    # as one fused multiply-add (a single rounding): the float64 product is exact.
+    return np.float32(np.float64(scale) * (dst + 0.5) - 0.5)
+
+
 def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of torch's `F.interpolate(mode="linear", align_corners=False)`."""
-    m = np.zeros((n_out, n_in), np.float64)
-    scale = n_in / n_out
+    """(n_out, n_in) weights of torch's `F.interpolate(mode="linear", align_corners=False)`,
+    computed in float32 as torch's CPU kernel does (source index, then the fraction)."""
+    f = np.float32
+    m = np.zeros((n_out, n_in), np.float32)
+    scale = f(n_in) / f(n_out)
     for o in range(n_out):
-        src = max(scale * (o + 0.5) - 0.5, 0.0)
+        src = max(_fma_source_index(scale, o), f(0.0))
         i0 = min(int(src), n_in - 1)
         i1 = i0 + (1 if i0 < n_in - 1 else 0)
-        frac = src - i0
-        m[o, i0] += 1.0 - frac
+        frac = min(max(src - f(i0), f(0.0)), f(1.0))
+        m[o, i0] += f(1.0) - frac
         m[o, i1] += frac
-    return m.astype(np.float32)
+    return m
 
 
 def cubic_resize_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     """(n_out, n_in) weights of torch's `F.interpolate(mode="bicubic", align_corners=False)`
-    along one axis (Keys kernel with a = -0.75, border samples clamped)."""
+    along one axis (Keys kernel with a = -0.75, border samples clamped), in float32."""
+    f = np.float32
+    a = f(a)
 
     def near(t):  # |t| <= 1
-        return ((a + 2) * t - (a + 3)) * t * t + 1
+        return ((a + f(2)) * t - (a + f(3))) * t * t + f(1)
 
     def far(t):  # 1 < |t| < 2
-        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return ((a * t - f(5) * a) * t + f(8) * a) * t - f(4) * a
 
-    m = np.zeros((n_out, n_in), np.float64)
-    scale = n_in / n_out
+    m = np.zeros((n_out, n_in), np.float32)
+    scale = f(n_in) / f(n_out)
     for o in range(n_out):
-        src = scale * (o + 0.5) - 0.5  # no clamp at 0 for cubic (torch)
+        src = _fma_source_index(scale, o)  # no clamp at 0 for cubic (torch)
         i = int(np.floor(src))
-        t = src - i
-        for k, wgt in zip((i - 1, i, i + 1, i + 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+        t = src - f(i)
+        for k, wgt in zip((i - 1, i, i + 1, i + 2), (far(t + f(1)), near(t), near(f(1) - t), far(f(2) - t))):
             m[o, min(max(k, 0), n_in - 1)] += wgt
-    return m.astype(np.float32)
+    return m
 
 
 def resize_pos_embed_2d(pos: jax.Array, hw: tuple[int, int]) -> jax.Array:
