@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 TASKS = {"mae": "segjax.tasks.mae", "classification": "segjax.tasks.classification"}
+TASKS["maskrcnn"] = "segjax.tasks.maskrcnn"
 
 
 def get(name: str):
