@@ -115,6 +115,8 @@ def check_parity(official, ours: Ours, tol=REL_TOL, t_max=8):
         if "mask_input" in names:
             k = names.index("mask_input")
             mask_input[0, k, ..., 0], has_mask[0, k] = ref_low["one_point", True][0], True
+        if not has_mask.any():  # the shared-image path (no dense prompt) when no prompt has a mask
+            mask_input = has_mask = None
         out = ours.predict(ours.params, emb, coords, labels, mask_input, has_mask, mm)
         for k, (name, (low, iou)) in enumerate(zip(names, refs)):
             tag = f"{name} multimask={mm}"

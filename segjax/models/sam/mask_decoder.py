@@ -66,10 +66,11 @@ class MLP(nn.Module):
 class MaskDecoder(nn.Module):
     """Predicts masks and their IoU from an image embedding and prompt tokens.
 
-    __call__(image_embeddings (B, h, w, C), dense (B or 1, h, w, C) or (B, 1, 1, C),
-    image_pe (h, w, C), sparse (B, T, C), token_mask (B, T) bool, multimask_output
-    (static bool)) -> (masks (B, M', 4h, 4w) float32, iou (B, M') float32), M' = 3 masks
-    1..3 with multimask_output else 1 mask (index 0), exactly the reference slicing.
+    __call__(image_embeddings (B, h, w, C), dense (B, P, h, w, C) or (C,) (one embedding
+    for every pixel: no mask input), image_pe (h, w, C), sparse (B, P, T, C), token_mask
+    (B, P, T) bool, multimask_output (static bool)) -> (masks (B, P, M', 4h, 4w) float32,
+    iou (B, P, M') float32), M' = masks 1..3 with multimask_output else mask 0, exactly
+    the reference slicing.
     """
 
     transformer_dim: int = 256
@@ -88,28 +89,35 @@ class MaskDecoder(nn.Module):
         c, dt = self.transformer_dim, self.dtype
         n_masks = self.num_multimask_outputs + 1
         b, h, w, _ = image_embeddings.shape
+        p = sparse.shape[1]
         iou_token = nn.Embed(1, c, name="iou_token")(jnp.arange(1))  # (1, C)
         mask_tokens = nn.Embed(n_masks, c, name="mask_tokens")(jnp.arange(n_masks))  # (M, C)
         out_tokens = jnp.concatenate([iou_token, mask_tokens], axis=0).astype(jnp.float32)
         tokens = jnp.concatenate(
-            [jnp.broadcast_to(out_tokens, (b, 1 + n_masks, c)), sparse.astype(jnp.float32)], axis=1)
-        mask = jnp.concatenate([jnp.ones((b, 1 + n_masks), bool), token_mask], axis=1)
+            [jnp.broadcast_to(out_tokens, (b, p, 1 + n_masks, c)), sparse.astype(jnp.float32)], axis=2)
+        mask = jnp.concatenate([jnp.ones((b, p, 1 + n_masks), bool), token_mask], axis=2)
 
-        src = (image_embeddings + dense).astype(jnp.float32).reshape(b, h * w, c)
-        pos = image_pe.astype(jnp.float32).reshape(1, h * w, c)
+        if dense.ndim == 1:  # no mask input: one image tensor shared by the prompts (P = 1)
+            src = (image_embeddings + dense)[:, None]
+        else:
+            src = image_embeddings[:, None] + dense  # (B, P, h, w, C)
+        src = src.astype(jnp.float32).reshape(b, src.shape[1], h * w, c)
+        pos = image_pe.astype(jnp.float32).reshape(1, 1, h * w, c)
         hs, src = TwoWayTransformer(self.depth, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
                                     self.ln_eps, dt, name="transformer")(src, pos, tokens, mask)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1:1 + n_masks]  # (B, M, C)
+        src = jnp.broadcast_to(src, (b, p, h * w, c))  # per prompt from layer 0's image -> token step on
+        iou_token_out = hs[:, :, 0]  # (B, P, C)
+        mask_tokens_out = hs[:, :, 1:1 + n_masks]  # (B, P, M, C)
 
-        x = PatchConvTranspose(c // 4, 2, dt, name="output_upscaling_0")(src.reshape(b, h, w, c))
+        x = PatchConvTranspose(c // 4, 2, dt, name="output_upscaling_0")(src.reshape(b * p, h, w, c))
         x = gelu_erf(layer_norm_2d("output_upscaling_1")(x))
-        x = gelu_erf(PatchConvTranspose(c // 8, 2, dt, name="output_upscaling_3")(x))  # (B, 4h, 4w, C/8)
+        x = gelu_erf(PatchConvTranspose(c // 8, 2, dt, name="output_upscaling_3")(x))  # (B*P, 4h, 4w, C/8)
         hyper_in = jnp.stack(
-            [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i])
-             for i in range(n_masks)], axis=1)  # (B, M, C/8)
+            [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, :, i])
+             for i in range(n_masks)], axis=2).reshape(b * p, n_masks, c // 8)  # (B*P, M, C/8)
         masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(dt), x.astype(dt)).astype(jnp.float32)
         iou_pred = MLP(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, dt,
                        name="iou_prediction_head")(iou_token_out).astype(jnp.float32)
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        masks = masks.reshape(b, p, n_masks, 4 * h, 4 * w)
+        return masks[:, :, sl], iou_pred[:, :, sl]

@@ -129,23 +129,21 @@ class Sam(nn.Module):
         _, p, t = labels.shape
         if coords.shape != (b, p, t, 2):
             raise ValueError(f"coords {coords.shape} do not match labels {labels.shape} (B={b})")
-        sparse = self.prompt_encoder.embed_points(coords, labels).reshape(b * p, t, c)
-        token_mask = (labels != ABSENT).reshape(b * p, t)
-        no_mask = self.prompt_encoder.no_mask().reshape(1, 1, 1, c)
+        sparse = self.prompt_encoder.embed_points(coords, labels)  # (B, P, T, C)
+        token_mask = labels != ABSENT
+        no_mask = self.prompt_encoder.no_mask()  # (C,)
         if mask_input is None:
             dense = no_mask
         else:
             if mask_input.shape != (b, p, 4 * h, 4 * w, 1):
                 raise ValueError(f"mask_input must be {(b, p, 4 * h, 4 * w, 1)}, got {mask_input.shape}")
             dense = self.prompt_encoder.embed_masks(mask_input.reshape(b * p, 4 * h, 4 * w, 1))
+            dense = dense.reshape(b, p, h, w, c)
             if has_mask is not None:
-                dense = jnp.where(has_mask.reshape(b * p, 1, 1, 1), dense, no_mask)
-        emb = jnp.broadcast_to(image_embeddings[:, None], (b, p, h, w, c)).reshape(b * p, h, w, c)
-        masks, iou = self.mask_decoder(emb, dense, self.prompt_encoder.get_dense_pe(), sparse,
+                dense = jnp.where(has_mask[:, :, None, None, None], dense, no_mask)
+        masks, iou = self.mask_decoder(image_embeddings, dense, self.prompt_encoder.get_dense_pe(), sparse,
                                        token_mask, multimask_output)
-        m = masks.shape[1]
-        return dict(low_res_logits=masks.reshape(b, p, m, 4 * h, 4 * w),
-                    iou_predictions=iou.reshape(b, p, m))
+        return dict(low_res_logits=masks, iou_predictions=iou)
 
     def __call__(self, images: jax.Array, input_hw: jax.Array, coords: jax.Array, labels: jax.Array,
                  mask_input: jax.Array | None = None, has_mask: jax.Array | None = None,

@@ -1,9 +1,15 @@
 """SAM's two-way transformer: prompt tokens and image tokens attend to each other.
 
-Legend: B batch (image x prompt pairs), T tokens, L = h * w image tokens, C width,
-N heads, K head dim.
+Legend: B images, P prompts per image, T tokens per prompt, L = h * w image tokens,
+C width, N heads, K head dim.
 
-Token masking (ours): `token_mask` (B, T) marks the real tokens; padded ones are
+Prompts of one image share its image tokens: a tensor with P = 1 on the prompt axis
+broadcasts over the prompts, so the work that only depends on the image (layer 0's
+key / value projections of the image tokens) runs once per image, not once per prompt
+as in the reference (which repeats the embedding per prompt). Same arithmetic per
+element.
+
+Token masking (ours): `token_mask` (B, P, T) marks the real tokens; padded ones are
 removed as keys from token self-attention and from image -> token cross-attention, so a
 prompt padded to a static length gives the outputs of the unpadded one (the padded
 tokens' own outputs are meaningless and unused).
@@ -27,10 +33,16 @@ def decoder_layer_norm(name: str, eps: float) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
+def _prompt_spec(x: jax.Array) -> str:
+    # 'p' when the tensor has its own prompt axis, '' when it is shared (P = 1)
+    return "p" if x.shape[1] > 1 else ""
+
+
 class Attention(nn.Module):
     """Attention with separate q/k/v projections to an internal width C / downsample_rate.
 
-    q (B, Tq, C), k / v (B, Tk, C), key_mask (B, Tk) bool or None -> (B, Tq, C).
+    q (B, Pq, Tq, C), k / v (B, Pk, Tk, C), key_mask (B, Pk, Tk) bool or None ->
+    (B, max(Pq, Pk), Tq, C); Pq, Pk in {1, P} (1 broadcasts over the prompts).
     """
 
     num_heads: int
@@ -48,14 +60,24 @@ class Attention(nn.Module):
         def proj(x, name, out=internal):
             return nn.Dense(out, dtype=self.dtype, name=name)(x)
 
-        q, k, v = (einops.rearrange(proj(t, n), "b l (n k) -> b n l k", n=self.num_heads)
-                   for t, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
-        logits = jnp.einsum("bnqk,bnsk->bnqs", q, k).astype(jnp.float32)
+        def heads(x, name):  # (B, P?, T, C) -> (B, P?, N, T, K), P? squeezed when shared
+            x = einops.rearrange(proj(x, name), "b p l (n k) -> b p n l k", n=self.num_heads)
+            return x if x.shape[1] > 1 else x[:, 0]
+
+        pq, pk = _prompt_spec(q), _prompt_spec(k)
+        p_out = "p" if (pq or pk) else ""
+        q, k, v = heads(q, "q_proj"), heads(k, "k_proj"), heads(v, "v_proj")
+        logits = jnp.einsum(f"b{pq}nqk,b{pk}nsk->b{p_out}nqs", q, k).astype(jnp.float32)
         logits = logits / math.sqrt(q.shape[-1])  # the reference divides after the matmul
         if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+            m = key_mask if pk else key_mask[:, 0]  # (B, P?, Tk)
+            m = m[:, :, None, None, :] if pk else m[:, None, None, :]
+            if p_out and not pk:
+                m = m[:, None]
+            logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # fp32 softmax
-        out = einops.rearrange(jnp.einsum("bnqs,bnsk->bnqk", probs, v), "b n l k -> b l (n k)")
+        out = jnp.einsum(f"b{p_out}nqs,b{pk}nsk->b{p_out}nqk", probs, v)
+        out = einops.rearrange(out, "b p n l k -> b p l (n k)" if p_out else "b n l k -> b 1 l (n k)")
         return proj(out, "out_proj", c)
 
 
@@ -75,8 +97,8 @@ class TwoWayAttentionBlock(nn.Module):
     """Token self-attn, token -> image cross-attn, token MLP, image -> token cross-attn,
     each followed by a LayerNorm (post-norm).
 
-    queries (B, T, C), keys (B, L, C), query_pe (B, T, C), key_pe (1 or B, L, C),
-    token_mask (B, T) -> (queries, keys) float32.
+    queries (B, P, T, C), keys (B, 1 or P, L, C), query_pe (B, P, T, C), key_pe
+    (1, 1, L, C), token_mask (B, P, T) -> (queries (B, P, T, C), keys (B, P, L, C)) float32.
     """
 
     num_heads: int
@@ -110,8 +132,9 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    """image_embedding (B, L, C), image_pe (1 or B, L, C), point_embedding (B, T, C),
-    token_mask (B, T) bool -> (queries (B, T, C), keys (B, L, C)) float32.
+    """image_embedding (B, 1 or P, L, C), image_pe (1, 1, L, C), point_embedding
+    (B, P, T, C), token_mask (B, P, T) bool -> (queries (B, P, T, C), keys (B, P, L, C))
+    float32.
 
     `ln_eps` is the blocks' LayerNorm eps (torch default 1e-5 in the reference; the
     Hugging Face port uses its config's 1e-6); the final norm is always 1e-5.
