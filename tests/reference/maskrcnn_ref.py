@@ -74,7 +74,7 @@ def tiny_torch(seed: int = 0, v2: bool = False, **kw) -> MaskRCNN:
     return randomize_(model.eval(), seed, cls_scale=4.0)
 
 
-def r50_torch(seed: int = 0, eps: float = 0.0, **kw) -> MaskRCNN:
+def r50_torch(seed: int = 0, eps: float = 0.0, cls_scale: float = 10.0, **kw) -> MaskRCNN:
     """maskrcnn_resnet50_fpn as the COCO weights build it (FrozenBatchNorm2d, eps 0 like
     the legacy weights, trainable_layers 3), randomly initialised."""
     torch.manual_seed(seed)
@@ -83,7 +83,17 @@ def r50_torch(seed: int = 0, eps: float = 0.0, **kw) -> MaskRCNN:
     for m in model.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.eps = eps
-    return randomize_(model.eval(), seed, cls_scale=40.0)
+    model = randomize_(model.eval(), seed, cls_scale=cls_scale)
+    # A random ResNet-50 body gives FPN maps of magnitude ~300 (a trained one ~1): scale
+    # the FPN output convs so that RPN deltas and head logits are in a realistic range.
+    with torch.no_grad():
+        il, _ = model.transform([to_tensor(chelsea())])
+        feats = model.backbone(il.tensors)
+        for blk, f in zip(model.backbone.fpn.layer_blocks, list(feats.values())[:4]):
+            s = float(f.abs().mean())
+            blk[0].weight.div_(s)
+            blk[0].bias.div_(s)
+    return model
 
 
 def chelsea() -> np.ndarray:
