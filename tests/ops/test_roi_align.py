@@ -183,3 +183,14 @@ def test_lowers_for_tpu_and_cuda(impl):
     exp = jax.export.export(jax.jit(fwd_bwd), platforms=("tpu", "cuda"))(feats, boxes)
     assert exp.platforms == ("tpu", "cuda")
     assert exp.out_avals[0].shape == (2, 5, 7, 7, 8)
+
+
+@pytest.mark.parametrize("impl", ["gather", "matmul"])
+def test_bfloat16_features(data, impl):
+    x, boxes, g = data
+    ref = roi_align(jnp.asarray(x), jnp.asarray(boxes), (3, 4), SCALE, 2, True, impl=impl)
+    f = lambda feats: roi_align(feats, jnp.asarray(boxes), (3, 4), SCALE, 2, True, impl=impl)  # noqa: E731
+    out, vjp = jax.vjp(f, jnp.asarray(x, jnp.bfloat16))
+    (grad,) = vjp(jnp.asarray(g, jnp.bfloat16))
+    assert out.dtype == grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.05)
