@@ -112,7 +112,7 @@ def preprocess(config, train: bool) -> detection.DetectionPreprocess:
     return detection.DetectionPreprocess(
         min_size=min_size, max_size=int(d.max_size), pad_size=pad_size(config),
         max_instances=int(d.max_instances), hflip=bool(d.get("hflip", False)) and train,
-        label_key=d.get("label_key", "label"))
+        label_key=d.get("label_key", "label"), with_masks=train)
 
 
 class _ModelBatches:

@@ -94,6 +94,9 @@ def test_crowd_excluded_truncation_and_category_ids():
     np.testing.assert_allclose(out["boxes"], [[0, 0, 10, 10], [1, 1, 30, 30]])
     out = detection.DetectionPreprocess(32, 32, (32, 32), max_instances=4, label_key="category_id")(ex)
     np.testing.assert_array_equal(out["labels"], [10, 30, 10, 0])
+    no_masks = detection.DetectionPreprocess(32, 32, (32, 32), max_instances=4, with_masks=False)(ex)
+    assert "masks" not in no_masks
+    np.testing.assert_array_equal(no_masks["boxes"], out["boxes"])
 
 
 def test_hflip_moves_boxes_with_masks():
