@@ -176,12 +176,12 @@ class DetectionPreprocess:
 
 
 def has_training_target(record: dict) -> bool:
-    """torchvision's `_has_valid_annotation` for instance masks: some non-crowd
-    instance whose box is wider and taller than 1 px."""
-    obj = record["objects"]
-    boxes = np.asarray(obj["bbox"], np.float32).reshape(-1, 4)
-    ok = ~np.asarray(obj["iscrowd"], bool) & (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
-    return bool(ok.any())
+    """torchvision's `_has_valid_annotation` (references/detection/coco_utils.py) for
+    instance masks: some annotation, crowd included, whose box is wider and taller
+    than 1 px. (An image with only crowd regions stays a training image, with no
+    targets: all its anchors and proposals are negatives.)"""
+    boxes = np.asarray(record["objects"]["bbox"], np.float32).reshape(-1, 4)
+    return bool(((boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)).any())
 
 
 class DetectionSource:
@@ -189,8 +189,8 @@ class DetectionSource:
 
     `source[i]` returns record i with `image` decoded to (h, w, C) uint8. A record
     whose image does not decode (or, with `require_target`, that has no training
-    target: images without annotations or with only crowd/tiny instances, which
-    torchvision's training set removes) is replaced by the next good one, i+1,
+    target: images without annotations or with only tiny boxes, which torchvision's
+    training set removes) is replaced by the next good one, i+1,
     i+2, ... (mod N): the same on every host and rerun, and the batch shapes never
     change. Each kind is counted once per index.
 
@@ -235,7 +235,7 @@ class DetectionSource:
             j = (index + offset) % n
             record = self._source[j]
             if self._require_target and not has_training_target(record):
-                self._note(self._no_target, j, "has no training target (no non-crowd box > 1 px)")
+                self._note(self._no_target, j, "has no training target (no box > 1 px)")
                 continue
             try:
                 image = decode_image(record["image"])

@@ -122,16 +122,18 @@ def test_too_large_for_pad_is_an_error():
         detection.DetectionPreprocess(40, 80, (64, 64))(ex)
 
 
-def test_training_substitutes_empty_crowd_only_and_corrupt_records(caplog):
+def test_training_substitutes_empty_tiny_only_and_corrupt_records(caplog):
     good = _box_record(1, 16, 16, [[1, 1, 9, 9]], [1])
     empty = _box_record(2, 16, 16, [], [])
     crowd_only = _box_record(3, 16, 16, [[1, 1, 9, 9]], [1], iscrowd=[True])
     tiny_only = _box_record(4, 16, 16, [[1, 1, 1.5, 9]], [1])
     corrupt = {**_box_record(5, 16, 16, [[1, 1, 9, 9]], [2]), "image": b"not an image"}
     src = detection.DetectionSource([empty, crowd_only, tiny_only, corrupt, good], require_target=True)
-    for i in range(5):
-        assert int(src[i]["image_id"]) == 1
-    assert (src.num_without_target, src.num_corrupt) == (3, 1)
+    # torchvision keeps crowd-only images for training (as all-negative examples).
+    assert [int(src[i]["image_id"]) for i in range(5)] == [3, 3, 1, 1, 1]
+    assert (src.num_without_target, src.num_corrupt) == (2, 1)
+    crowd = detection.DetectionPreprocess(16, 16, (16, 16), max_instances=2)(src[1])
+    assert not crowd["valid"].any() and not crowd["masks"].any()
     assert "no training target" in caplog.text and "failed to decode" in caplog.text
     # Evaluation keeps empty images.
     assert int(detection.DetectionSource([empty, good])[0]["image_id"]) == 2
