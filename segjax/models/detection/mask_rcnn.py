@@ -197,6 +197,16 @@ class MaskRCNN(nn.Module):
         det["masks"] = mask_probs(logits, det["labels"])
         return det
 
+    def initialize(self, image: jax.Array, image_hw: jax.Array) -> Any:
+        """Touches every parameter without the proposal / NMS stages, so that
+        `model.init(rng, image, image_hw, method=MaskRCNN.initialize)` compiles much less
+        than initialising through `__call__` (same params)."""
+        input_hw = tuple(image.shape[1:3])
+        feats = self.features(image, image_hw)
+        logits, _ = self.rpn(feats)
+        boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 16.0, 16.0]), (image.shape[0], 1, 4))
+        return logits, self.roi_heads(feats, boxes, input_hw)
+
     def __call__(self, image: jax.Array, image_hw: jax.Array, score_thresh: float | None = None,
                  nms_thresh: float | None = None, detections_per_img: int | None = None
                  ) -> dict[str, jax.Array]:
