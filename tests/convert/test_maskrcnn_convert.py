@@ -231,9 +231,17 @@ def test_rejects_other_models():
 
 
 @pytest.mark.slow
-def test_r50_parity(tmp_path):
-    """Full maskrcnn_resnet50_fpn (legacy eps 0 FrozenBN) at min_size = max_size = 320."""
-    tv = r50_torch(0, min_size=320, max_size=320)
-    errs, meta = run_parity(tmp_path, tv, ("--model-kwargs", '{"min_size": 320, "max_size": 320}'), "r50",
-                            exact=False)
-    assert meta["model"] == "mask_rcnn_r50_fpn" and meta["model_kwargs"]["bn_eps"] == 0.0
+@pytest.mark.parametrize("kind", ["coco", "builder", "v2"])
+def test_r50_parity(tmp_path, kind):
+    """Full ResNet-50-FPN at min_size = max_size = 320: the COCO-weights architecture
+    (FrozenBatchNorm2d eps 0, the legacy default), torchvision's weights=None builder
+    (nn.BatchNorm2d, eps 1e-5) and maskrcnn_resnet50_fpn_v2."""
+    tv = r50_torch(0, kind, min_size=320, max_size=320)
+    errs, meta = run_parity(tmp_path, tv, ("--model-kwargs", '{"min_size": 320, "max_size": 320}'),
+                            f"r50 {kind}", exact=False)
+    kw = meta["model_kwargs"]
+    assert meta["model"] == ("mask_rcnn_r50_fpn_v2" if kind == "v2" else "mask_rcnn_r50_fpn")
+    assert kw["bn_eps"] == (0.0 if kind == "coco" else 1e-5)
+    if kind != "coco":  # the round trip into a fresh torchvision model, strict
+        assert cli(["maskrcnn", "--reverse", str(tmp_path / "sj"), str(tmp_path / "back.pth")]) == 0
+        r50_torch(1, kind).load_state_dict(torch.load(tmp_path / "back.pth", weights_only=True), strict=True)

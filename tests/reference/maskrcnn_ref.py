@@ -74,25 +74,37 @@ def tiny_torch(seed: int = 0, v2: bool = False, **kw) -> MaskRCNN:
     return randomize_(model.eval(), seed, cls_scale=4.0)
 
 
-def r50_torch(seed: int = 0, eps: float = 0.0, cls_scale: float = 10.0, **kw) -> MaskRCNN:
-    """maskrcnn_resnet50_fpn as the COCO weights build it (FrozenBatchNorm2d, eps 0 like
-    the legacy weights, trainable_layers 3), randomly initialised."""
+def r50_torch(seed: int = 0, kind: str = "coco", eps: float = 0.0, cls_scale: float = 10.0, **kw) -> MaskRCNN:
+    """A randomly initialised ResNet-50-FPN Mask R-CNN.
+
+    kind: "coco": as the COCO weights build it (FrozenBatchNorm2d with `eps`, 0 like the
+      legacy weights; trainable_layers 3); "builder": `maskrcnn_resnet50_fpn(weights=None,
+      weights_backbone=None)` (nn.BatchNorm2d, eps 1e-5); "v2": `maskrcnn_resnet50_fpn_v2(
+      weights=None, weights_backbone=None)`.
+    """
+    from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
+
     torch.manual_seed(seed)
-    body = resnet.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    model = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=91, **kw)
-    for m in model.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            m.eps = eps
+    if kind == "coco":
+        body = resnet.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        model = MaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=91, **kw)
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.eps = eps
+    else:
+        build = maskrcnn_resnet50_fpn if kind == "builder" else maskrcnn_resnet50_fpn_v2
+        model = build(weights=None, weights_backbone=None, **kw)
     model = randomize_(model.eval(), seed, cls_scale=cls_scale)
     # A random ResNet-50 body gives FPN maps of magnitude ~300 (a trained one ~1): scale
-    # the FPN output convs so that RPN deltas and head logits are in a realistic range.
+    # the FPN output layers so that RPN deltas and head logits are in a realistic range.
     with torch.no_grad():
         il, _ = model.transform([to_tensor(chelsea())])
         feats = model.backbone(il.tensors)
         for blk, f in zip(model.backbone.fpn.layer_blocks, list(feats.values())[:4]):
             s = float(f.abs().mean())
-            blk[0].weight.div_(s)
-            blk[0].bias.div_(s)
+            last = blk[1] if len(blk) > 1 else blk[0]  # the BN (v2) or the conv
+            last.weight.div_(s)
+            last.bias.div_(s)
     return model
 
 
