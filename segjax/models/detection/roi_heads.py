@@ -312,17 +312,25 @@ def _roi_align_weights(lo: jax.Array, hi: jax.Array, size: int, out: int, n_max:
     """Separable torchvision roi_align weights along one axis (aligned=False, scale 1,
     adaptive sampling ceil(roi / out) per bin): (out, size) such that a pooled value
     is W_y @ image @ W_x.T. Samples outside [-1, size] count zero, those in [-1, 0)
-    clamp to 0, at size - 1 the upper neighbour is the pixel itself."""
+    clamp to 0, at size - 1 the upper neighbour is the pixel itself (the kernel's
+    bilinear_interpolate). Each sample scatters its two taps: O(out * n_max) work."""
     length = jnp.maximum(hi - lo, 1.0)
     bin_len = length / out
     n = jnp.maximum(jnp.ceil(length / out), 1.0)
-    s = jnp.arange(n_max, dtype=jnp.float32)
-    pos = lo + jnp.arange(out, dtype=jnp.float32)[:, None] * bin_len + (s[None, :] + 0.5) * bin_len / n
-    ok = (s[None, :] < n) & (pos >= -1.0) & (pos <= size)  # (out, n_max)
-    pos = jnp.clip(pos, 0.0, size - 1.0)
-    grid = jnp.arange(size, dtype=jnp.float32)
-    hat = jnp.maximum(0.0, 1.0 - jnp.abs(pos[..., None] - grid))  # (out, n_max, size)
-    return jnp.sum(jnp.where(ok[..., None], hat, 0.0), axis=1) / n
+    s = jnp.arange(n_max, dtype=jnp.float32)[None, :]
+    p = jnp.arange(out, dtype=jnp.float32)[:, None]
+    pos = (lo + p * bin_len) + ((s + 0.5) * bin_len) / n  # (out, n_max), the kernel's association
+    ok = (s < n) & (pos >= -1.0) & (pos <= size)
+    y = jnp.where(ok, jnp.maximum(pos, 0.0), 0.0)
+    low = jnp.floor(y).astype(jnp.int32)
+    edge = low >= size - 1
+    low = jnp.where(edge, size - 1, low)
+    high = jnp.where(edge, size - 1, low + 1)
+    frac = jnp.where(edge, 0.0, y - low.astype(jnp.float32))
+    w_low = jnp.where(ok, 1.0 - frac, 0.0) / n
+    w_high = jnp.where(ok, frac, 0.0) / n
+    rows = jnp.broadcast_to(jnp.arange(out)[:, None], low.shape)
+    return jnp.zeros((out, size), jnp.float32).at[rows, low].add(w_low).at[rows, high].add(w_high)
 
 
 def project_masks_on_boxes(gt_masks: jax.Array, boxes: jax.Array, matched_idx: jax.Array,
@@ -343,7 +351,8 @@ def project_masks_on_boxes(gt_masks: jax.Array, boxes: jax.Array, matched_idx: j
         mask = gt_masks[bi, mi].astype(jnp.float32)  # (H, W)
         wy = _roi_align_weights(box[1], box[3], h, size, n_max)
         wx = _roi_align_weights(box[0], box[2], w, size, n_max)
-        return wy @ mask @ wx.T
+        hp = jax.lax.Precision.HIGHEST  # targets in fp32 on TPU too
+        return jnp.matmul(jnp.matmul(wy, mask, precision=hp), wx.T, precision=hp)
 
     bidx = jnp.repeat(jnp.arange(b), r)
     flat = (bidx, boxes.reshape(-1, 4), matched_idx.reshape(-1))
