@@ -285,25 +285,25 @@ def padded_hw(hw: tuple[int, int], size_divisible: int = 32) -> tuple[int, int]:
     return tuple(int(math.ceil(s / size_divisible) * size_divisible) for s in hw)
 
 
-def _bilinear_matrix(out: int, size: int) -> np.ndarray:
-    """(out, size) torch bilinear (align_corners=False, no antialias) weights, float32."""
+def _bilinear_taps(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch bilinear (align_corners=False, no antialias) taps along one axis, float32:
+    (i0, i1, lambda1) with value = (1 - lambda1) * x[i0] + lambda1 * x[i1]."""
     scale = np.float32(size) / np.float32(out)
     src = np.maximum(scale * (np.arange(out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
     i0 = src.astype(np.int64)
     lam1 = np.clip(src - i0, 0, 1).astype(np.float32)
     i1 = np.where(i0 < size - 1, i0 + 1, i0)
-    m = np.zeros((out, size), np.float32)
-    np.add.at(m, (np.arange(out), i0), 1 - lam1)
-    np.add.at(m, (np.arange(out), i1), lam1)
-    return m
+    return i0, i1, lam1
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) image (any dtype) -> (H, W, 3) float32 by torch's bilinear rule."""
+    """(h, w, 3) image (any dtype) -> (H, W, 3) float32 by torch's bilinear rule
+    (`F.interpolate(mode='bilinear', align_corners=False)`), two taps per axis."""
     img = np.asarray(image, np.float32)
-    wy = _bilinear_matrix(hw[0], img.shape[0])
-    wx = _bilinear_matrix(hw[1], img.shape[1])
-    return np.einsum("yh,hwc,xw->yxc", wy, img, wx, optimize=True).astype(np.float32)
+    j0, j1, lx = _bilinear_taps(hw[1], img.shape[1])
+    tmp = img[:, j0] * (1 - lx)[None, :, None] + img[:, j1] * lx[None, :, None]  # (h, W, 3)
+    i0, i1, ly = _bilinear_taps(hw[0], img.shape[0])
+    return (tmp[i0] * (1 - ly)[:, None, None] + tmp[i1] * ly[:, None, None]).astype(np.float32)
 
 
 def prepare_image(image: np.ndarray, min_size: int = 800, max_size: int = 1333,
