@@ -360,7 +360,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.Array,
                       rel_pos_w: jax.Array, hw: tuple[int, int],
-                      chunk_bytes: int = 16 * 2**20) -> jax.Array:
+                      chunk_bytes: int | None = None) -> jax.Array:
     """Self-attention over an (h, w) token grid with decomposed relative positions.
 
     q, k, v: (B, L, N, K) with L = h * w in raster order; rel_pos_h / rel_pos_w:
@@ -370,7 +370,8 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
 
     chunk_bytes: queries are processed in blocks of whole image rows whose float32
     logits (B, N, rows * w, L) stay under this size (`lax.map` over the blocks when
-    there are several).
+    there are several). None: 16 MiB when tracing for the CPU (cache-sized blocks),
+    1 GiB elsewhere (accelerators prefer few large kernels).
     """
     # NOTE: blocking by query rows and normalising after the value product (as flash
     # attention does) keep SAM's global-attention logits (12 x 4096 x 4096 floats per
@@ -383,6 +384,8 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     rh = get_rel_pos(h, h, rel_pos_h).astype(q.dtype)  # (h, h, K)
     rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)  # (w, w, K)
     scale = jnp.asarray(kd ** -0.5, q.dtype)
+    if chunk_bytes is None:
+        chunk_bytes = 16 * 2**20 if jax.default_backend() == "cpu" else 2**30
     rows = _largest_divisor(h, chunk_bytes // (b * n * w * length * 4))
     qg = einops.rearrange(q, "b n (c r w) k -> c b n r w k", r=rows, w=w)
     rhc = rh.reshape(h // rows, rows, h, kd)
