@@ -9,6 +9,11 @@ No download: 2000 train / 200 val 128x128 images of circles, squares and triangl
 eval.py writes COCO box/mask AP, workdir/eval/detections_step*.json (COCO results,
 RLE masks) and workdir/images/maskrcnn_step*.png (detections | ground truth).
 `--config configs/maskrcnn/shapes.py:runlocal` is a few-minute smoke run.
+
+Measured (this config, one CPU process on the 2-core machine while other jobs ran,
+~1.2 s/step, 24.5 min): loss 1.26 -> 0.44; on the 200 val images
+box AP 0.596 / mask AP 0.599 at step 600, box AP 0.734 (AP50 0.935) / mask AP 0.697
+(AP50 0.917) at step 1200; eval.py on the final checkpoint: 38 s.
 """
 
 from configs.base import base_config
