@@ -26,6 +26,32 @@ import jax.numpy as jnp
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
+def div_exact(x: jax.Array, c) -> jax.Array:
+    """x / c as an IEEE division, for c a constant or a (broadcast) scalar.
+
+    XLA rewrites a division by a constant or a broadcast scalar into a multiplication
+    by its rounded reciprocal (and folds chains of constant factors), which moves
+    results by an ulp or two; the torchvision kernels divide. A divisor that is an
+    elementwise select on x (the same value, or NaN where x is NaN: the result is
+    unchanged) is neither, so the division stays, and coordinates (and the floor/ceil
+    and threshold decisions made on them) match the reference bit for bit.
+    """
+    x = jnp.asarray(x)
+    return x / jnp.where(x != x, jnp.nan, jnp.asarray(c, x.dtype))
+
+
+def rounded(x: jax.Array) -> jax.Array:
+    """x, rounded to its dtype before it is added to anything.
+
+    XLA:CPU contracts `a * b + c` into a fused multiply-add (one rounding), while the
+    references round the product first; the ulp of difference moves a sampling
+    coordinate by ~1e-5 px on a 200 px map, or flips a floor or a threshold. A select
+    between the multiply and the add blocks the contraction (an optimization barrier
+    does not: it is expanded before fusion). Identity on every value, NaN included.
+    """
+    return jnp.where(x == x, x, jnp.nan)
+
+
 def box_area(boxes: jax.Array) -> jax.Array:
     """boxes (..., 4) XYXY -> (...) area `(x2 - x1) * (y2 - y1)` (negative if degenerate)."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
@@ -39,7 +65,7 @@ def box_inter_union(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])  # (..., N, M, 2)
     rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     wh = jnp.maximum(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
+    inter = rounded(wh[..., 0] * wh[..., 1])
     union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return inter, union
 
@@ -98,14 +124,14 @@ def decode_boxes(
     ctr_x = boxes[..., 0] + 0.5 * widths
     ctr_y = boxes[..., 1] + 0.5 * heights
     wx, wy, ww, wh = weights
-    dx = deltas[..., 0] / wx
-    dy = deltas[..., 1] / wy
-    dw = jnp.minimum(deltas[..., 2] / ww, clip)
-    dh = jnp.minimum(deltas[..., 3] / wh, clip)
-    pred_cx = dx * widths + ctr_x
-    pred_cy = dy * heights + ctr_y
-    half_w = 0.5 * (jnp.exp(dw) * widths)
-    half_h = 0.5 * (jnp.exp(dh) * heights)
+    dx = div_exact(deltas[..., 0], wx)
+    dy = div_exact(deltas[..., 1], wy)
+    dw = jnp.minimum(div_exact(deltas[..., 2], ww), clip)
+    dh = jnp.minimum(div_exact(deltas[..., 3], wh), clip)
+    pred_cx = rounded(dx * widths) + ctr_x
+    pred_cy = rounded(dy * heights) + ctr_y
+    half_w = rounded(0.5 * (jnp.exp(dw) * widths))
+    half_h = rounded(0.5 * (jnp.exp(dh) * heights))
     return jnp.stack([pred_cx - half_w, pred_cy - half_h, pred_cx + half_w, pred_cy + half_h], axis=-1)
 
 

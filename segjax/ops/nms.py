@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.ops.boxes import box_area
+from segjax.ops.boxes import box_area, rounded
 
 
 def _f32_threshold(t) -> jax.Array:
@@ -57,7 +57,7 @@ def _pair_iou(a, area_a, b, area_b):
     yy1 = jnp.maximum(a[:, None, 1], b[None, :, 1])
     xx2 = jnp.minimum(a[:, None, 2], b[None, :, 2])
     yy2 = jnp.minimum(a[:, None, 3], b[None, :, 3])
-    inter = jnp.maximum(xx2 - xx1, 0.0) * jnp.maximum(yy2 - yy1, 0.0)
+    inter = rounded(jnp.maximum(xx2 - xx1, 0.0) * jnp.maximum(yy2 - yy1, 0.0))
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 

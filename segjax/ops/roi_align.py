@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.ops.boxes import div_exact, rounded
+
 IMPLS = ("gather", "matmul")
 # Measured on the 2-core CPU with benchmarks/roi_align.py (see its docstring).
 DEFAULT_IMPL = "gather"
@@ -84,7 +86,7 @@ def _axis_taps(lo, hi, size, n_out: int, sampling_ratio: int, max_samples: int, 
     roi = (hi - offset) - start
     if not aligned:
         roi = jnp.maximum(roi, 1.0)  # "force malformed RoIs to be 1x1"
-    bin_size = roi / n_out
+    bin_size = div_exact(roi, n_out)
     if sampling_ratio > 0:
         s = sampling_ratio
         count = jnp.asarray(float(s), f32)
@@ -93,13 +95,13 @@ def _axis_taps(lo, hi, size, n_out: int, sampling_ratio: int, max_samples: int, 
         s = max_samples
         # NOTE: torchvision takes ceil(roi / n_out) samples; a RoI that needs more than
         # the static bound gets `max_samples` evenly spread samples instead.
-        count = jnp.clip(jnp.ceil(roi / n_out), 0.0, float(s))
+        count = jnp.clip(jnp.ceil(bin_size), 0.0, float(s))
         used = jnp.arange(s, dtype=f32) < count
     den = jnp.where(count >= 1.0, count, 1.0)  # also for a NaN count (a NaN box pools 0)
     p = jnp.arange(n_out, dtype=f32)[:, None]
     i = jnp.arange(s, dtype=f32)[None, :]
     # same association as the kernel: (start + p * bin) + ((i + .5) * bin) / S
-    y = (start + p * bin_size) + ((i + 0.5) * bin_size) / den  # (n_out, S)
+    y = (start + rounded(p * bin_size)) + rounded(div_exact((i + 0.5) * bin_size, den))  # (n_out, S)
     size_f = jnp.asarray(size, f32)
     size_i = jnp.asarray(size, jnp.int32)
     # written as "in range" so that NaN coordinates count as outside, as in the kernel
@@ -111,8 +113,8 @@ def _axis_taps(lo, hi, size, n_out: int, sampling_ratio: int, max_samples: int, 
     high = jnp.where(edge, size_i - 1, low + 1)
     yc = jnp.where(edge, low.astype(f32), yc)
     frac = yc - low.astype(f32)
-    w_low = jnp.where(valid, 1.0 - frac, 0.0) / den
-    w_high = jnp.where(valid, frac, 0.0) / den
+    w_low = div_exact(jnp.where(valid, 1.0 - frac, 0.0), den)
+    w_high = div_exact(jnp.where(valid, frac, 0.0), den)
     # T = 2 S taps: the (low, high) neighbours of every sample
     idx = jnp.stack([low, high], axis=-1).reshape(n_out, 2 * s)
     wts = jnp.stack([w_low, w_high], axis=-1).reshape(n_out, 2 * s)
@@ -305,7 +307,7 @@ def fpn_levels(
     """
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     s = jnp.sqrt(area.astype(jnp.float32))
-    lvl = jnp.floor((canonical_level + jnp.log2(s / canonical_scale)) + jnp.float32(eps))
+    lvl = jnp.floor((canonical_level + jnp.log2(div_exact(s, canonical_scale))) + jnp.float32(eps))
     lvl = jnp.clip(lvl, k_min, k_max)
     return jnp.where(jnp.isnan(lvl), -1, lvl.astype(jnp.int32) - k_min)
 

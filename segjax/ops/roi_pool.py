@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from segjax.ops.boxes import div_exact
 from segjax.ops.roi_align import _pair
 
 
@@ -33,7 +34,7 @@ def _axis_bins(lo, hi, scale, size: int, n_out: int, k: int):
     start = _round_half_away(lo * scale).astype(jnp.int32)
     end = _round_half_away(hi * scale).astype(jnp.int32)
     length = jnp.maximum(end - start + 1, 1)
-    bin_size = length.astype(jnp.float32) / n_out
+    bin_size = div_exact(length.astype(jnp.float32), n_out)
     p = jnp.arange(n_out, dtype=jnp.float32)
     b0 = jnp.clip(jnp.floor(p * bin_size).astype(jnp.int32) + start, 0, size)
     b1 = jnp.clip(jnp.ceil((p + 1) * bin_size).astype(jnp.int32) + start, 0, size)

@@ -103,6 +103,20 @@ def test_default_bound_is_exact_inside_the_map(data):
         np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL)
 
 
+def test_large_map_coordinates_are_exact():
+    """On a 200 px map an ulp of a sample coordinate is ~1.5e-5 px: the sampling points
+    must be computed with the kernel's own float operations (no reciprocal multiply, no
+    fused multiply-add) for the outputs to agree to summation order (~1e-6)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 200, 200, 2)).astype(np.float32)
+    side = np.exp(rng.uniform(np.log(16), np.log(512), (1, 200, 2)))
+    ctr = rng.uniform(0, 800, (1, 200, 2))
+    boxes = np.concatenate([ctr - side / 2, ctr + side / 2], -1).astype(np.float32)
+    ref = to_ours(tv_roi_align(x, list(boxes), 7, 0.25, 3, True)[1], 1, 200)
+    ours = roi_align(jnp.asarray(x), jnp.asarray(boxes), 7, 0.25, 3, True)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=2e-6)
+
+
 def test_hand_computed_ramp():
     """On f(y, x) = x, an aligned bin averages x at its sample points: the bin centre."""
     feat = jnp.broadcast_to(jnp.arange(16.0)[None, None, :, None], (1, 10, 16, 1))
