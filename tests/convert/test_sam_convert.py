@@ -6,7 +6,6 @@ low-res masks must agree to IoU >= 0.99. Tiny models by default, ViT-B under `sl
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
