@@ -84,13 +84,20 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
-        self._score = jax.jit(self._score_impl, static_argnames=("input_size", "crop_size"))
+        # NOTE: two programs on purpose. Fused into one, XLA:CPU (jax 0.10) turns the
+        # upscaling gathers plus several consumers (threshold, counts, boxes) into a
+        # fusion ~20x slower than materialising the logits in between.
+        self._upscale = jax.jit(self._upscale_impl, static_argnames=("input_size", "crop_size"))
+        self._score = jax.jit(self._score_impl)
 
     # ------------------------------------------------------------------ device part
-    def _score_impl(self, low_res, input_size, crop_size):
-        """(P, M, lh, lw) logits -> masks (P*M, h, w) bool, stability (P*M,), boxes (P*M, 4)."""
+    def _upscale_impl(self, low_res, input_size, crop_size):
+        """(P, M, lh, lw) low-res logits -> (P*M, h, w) logits at the crop size."""
         logits = upscale_masks(low_res, self.predictor.img_size, input_size, crop_size)
-        logits = logits.reshape(-1, *logits.shape[-2:])  # (P*M, h, w)
+        return logits.reshape(-1, *logits.shape[-2:])
+
+    def _score_impl(self, logits):
+        """(N, h, w) logits -> masks (N, h, w) bool, stability (N,), boxes (N, 4) int32."""
         stab = stability_score(logits, MASK_THRESHOLD, self.stability_score_offset)
         masks = logits > MASK_THRESHOLD
         return masks, stab, mask_boxes(masks)
@@ -168,8 +175,8 @@ class SamAutomaticMaskGenerator:
         coords[:n, 0] = scale_coords(points, state.original_size, pred.img_size).astype(np.float32)
         labels = np.tile(np.array([[1, -1]], np.int32), (self.points_per_batch, 1))
         low, iou = pred.decode(coords, labels, multimask_output=True, image=state)
-        masks, stab, boxes = self._score(low, input_size=tuple(state.input_size),
-                                         crop_size=tuple(state.original_size))
+        logits = self._upscale(low, input_size=tuple(state.input_size), crop_size=tuple(state.original_size))
+        masks, stab, boxes = self._score(logits)
         m = iou.shape[-1]
         iou = np.asarray(iou, np.float32)[:n].reshape(-1)
         stab = np.asarray(stab)[:n * m]
