@@ -228,3 +228,16 @@ def test_model_is_registered():
     for name in ("mask_rcnn_r50_fpn", "mask_rcnn_r50_fpn_v2", "mask_rcnn_tiny"):
         assert isinstance(models.build(name), MaskRCNN)
     assert models.build("mask_rcnn_r50_fpn_v2").head_norm
+
+
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
+def test_conv2d_custom_vjp_matches_xla(k, stride, pad):
+    from segjax.models.detection.backbone import _conv_fwd_impl, conv2d
+
+    rng = np.random.default_rng(k + stride)
+    x = jnp.asarray(rng.standard_normal((2, 11, 14, 5)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, 5, 4)), jnp.float32)
+    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, stride, pad))), (0, 1))(x, w)
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(_conv_fwd_impl(x, w, stride, pad))), (0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) < 1e-5

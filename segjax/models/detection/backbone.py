@@ -16,6 +16,7 @@ running_var) as params; `FROZEN_BN` and `frozen_patterns` name them for the opti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -63,13 +64,75 @@ class FrozenBatchNorm(nn.Module):
         return (x * scale.astype(x.dtype) + shift.astype(x.dtype)).astype(x.dtype)
 
 
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_fwd_impl(x, w, stride, padding):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding), (padding, padding)),
+                                        dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """NHWC x HWIO convolution, symmetric padding; the weight gradient as a matmul.
+
+    NOTE: XLA:CPU's kernel-gradient convolution is several times slower than the
+    forward (measured 10 s vs 3 s for a 3x3, 256-channel conv over 256 RoIs of 14x14),
+    so the backward pass computes dW = patches(x)^T @ dy with a matmul; dx stays
+    XLA's transposed convolution. Values are those of `lax.conv_general_dilated`.
+    """
+    return _conv_fwd_impl(x, w, stride, padding)
+
+
+def _conv2d_fwd(x, w, stride, padding):
+    return _conv_fwd_impl(x, w, stride, padding), (x, w)
+
+
+def _conv2d_bwd(stride, padding, res, g):
+    x, w = res
+    _, vjp_x = jax.vjp(lambda x: _conv_fwd_impl(x, w, stride, padding), x)
+    (dx,) = vjp_x(g)
+    kh, kw, c, o = w.shape
+    if kh == kw == 1 and padding == 0:
+        dw = jnp.einsum("nhwc,nhwo->co", x[:, ::stride, ::stride], g).reshape(1, 1, c, o)
+    else:
+        patches = jax.lax.conv_general_dilated_patches(  # (N, Ho, Wo, C*kh*kw), (c, kh, kw) order
+            x, (kh, kw), (stride, stride), ((padding, padding), (padding, padding)), dimension_numbers=_DN,
+            precision=jax.lax.Precision.HIGHEST)
+        dw = jnp.einsum("nhwk,nhwo->ko", patches, g).reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
+    return dx, dw.astype(w.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+    """torch-style Conv2d (params `kernel` (kh, kw, in, out), `bias`), via `conv2d`."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.param("kernel", self.kernel_init, (self.kernel, self.kernel, x.shape[-1], self.features),
+                       jnp.float32)
+        y = conv2d(x.astype(self.dtype), k.astype(self.dtype), self.stride, self.padding)
+        if self.bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
 def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None, bias: bool = False,
-         name: str | None = None, dtype=jnp.float32, kernel_init=None) -> nn.Conv:
+         name: str | None = None, dtype=jnp.float32, kernel_init=None) -> Conv:
     """A torch-style Conv2d: symmetric explicit padding (default kernel // 2)."""
     p = kernel // 2 if padding is None else padding
     kw = {} if kernel_init is None else {"kernel_init": kernel_init}
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
-                   use_bias=bias, name=name, dtype=dtype, **kw)
+    return Conv(features, kernel, stride, p, bias, dtype, name=name, **kw)
 
 
 class Bottleneck(nn.Module):

@@ -116,6 +116,7 @@ class MaskRCNN(nn.Module):
     box_bg_iou_thresh: float = 0.5
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
+    mask_rois_per_image: int | None = None  # None: all positives (<= 128), as torchvision
     # input transform (used by the host code that prepares `image`)
     min_size: int = 800
     max_size: int = 1333
@@ -237,7 +238,7 @@ class MaskRCNN(nn.Module):
         s = select_training_samples(proposals["boxes"], proposals["valid"], batch["boxes"],
                                     batch["labels"], batch["valid"], rng, self.box_fg_iou_thresh,
                                     self.box_bg_iou_thresh, self.box_batch_size_per_image,
-                                    self.box_positive_fraction, BOX_WEIGHTS)
+                                    self.box_positive_fraction, BOX_WEIGHTS, self.mask_rois_per_image)
         cls, reg = self.roi_heads.box(feats, s["rois"], input_hw)
         loss_box, metrics = fastrcnn_loss(cls, reg, s["labels"], s["regression_targets"], s["valid"])
         take = lambda x: jnp.take_along_axis(x, s["mask_slots"], axis=1)  # noqa: E731

@@ -153,6 +153,9 @@ class RoIHeads(nn.Module):
         self.mask_predictor = MaskPredictor(self.num_classes, self.mask_dim_reduced, self.dtype)
 
     def _pool(self, feats, boxes, image_hw, size):
+        # NOTE: torchvision infers the level scales from the largest *unpadded* image size
+        # of the batch, we from the padded input size (static): 2 ** round(log2(feat / img))
+        # agrees unless an image is much smaller than the 32-px padding step.
         boxes = jax.lax.stop_gradient(boxes)
         x = multiscale_roi_align(feats[:4], boxes, image_hw, (size, size), self.sampling_ratio,
                                  self.aligned)  # (B, R, size, size, F)
@@ -240,7 +243,8 @@ def select_training_samples(proposals: jax.Array, proposal_valid: jax.Array, gt_
                             gt_labels: jax.Array, gt_valid: jax.Array, rng: jax.Array,
                             fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
                             batch_size_per_image: int = 512, positive_fraction: float = 0.25,
-                            weights: Sequence[float] = BOX_WEIGHTS) -> dict[str, jax.Array]:
+                            weights: Sequence[float] = BOX_WEIGHTS, mask_rois: int | None = None
+                            ) -> dict[str, jax.Array]:
     """torchvision `select_training_samples` with static shapes.
 
     The gt boxes are appended to the proposals, proposals matched with Matcher(0.5, 0.5),
@@ -253,10 +257,14 @@ def select_training_samples(proposals: jax.Array, proposal_valid: jax.Array, gt_
     Returns dict of
       rois (B, S, 4), labels (B, S) int32 (0 background), matched_idx (B, S) int32,
       regression_targets (B, S, 4), valid (B, S) bool,
-      mask_slots (B, Sp) int32 indices into S of the positive RoIs (first the
-      positives, in slot order; Sp = int(S * positive_fraction)), mask_valid (B, Sp).
+      mask_slots (B, Sp) int32 indices into S of the positive RoIs (positives first,
+      in random order), mask_valid (B, Sp). Sp = `mask_rois`, default
+      int(S * positive_fraction): every positive, as torchvision's mask head sees them.
+      NOTE: a smaller `mask_rois` trains the mask head on a random subset of at most
+      that many positives per image (an unbiased estimate of torchvision's mask loss
+      at a fraction of the cost: the mask head is the dearest part of a train step).
     """
-    num_pos_slots = int(batch_size_per_image * positive_fraction)
+    num_pos_slots = int(batch_size_per_image * positive_fraction) if mask_rois is None else int(mask_rois)
 
     def per_image(props, pvalid, gt, gl, gv, key):
         boxes = jnp.concatenate([props, gt], 0)  # (P+M, 4)
@@ -268,6 +276,7 @@ def select_training_samples(proposals: jax.Array, proposal_valid: jax.Array, gt_
         labels = jnp.where(has_gt, labels, 0)
         labels = jnp.where(valid, labels, -1).astype(jnp.int32)  # padding is never sampled
         samp = jnp.where(labels > 0, 1, labels)  # 1 fg, 0 bg, -1 ignore
+        key, key_mask = jax.random.split(key)
         pos, neg = matcher.sample_balanced(samp, batch_size_per_image, positive_fraction, key)
         chosen = pos | neg
         order = jnp.argsort(~chosen, stable=True)[:batch_size_per_image]
@@ -278,7 +287,8 @@ def select_training_samples(proposals: jax.Array, proposal_valid: jax.Array, gt_
         gt_for = jnp.where(has_gt, gt[m].T, 0.0).T  # torchvision: a zero box without gt
         targets = box_ops.encode_boxes(gt_for, rois, weights)
         pos_slot = slot_valid & (lab > 0)
-        slots = jnp.argsort(~pos_slot, stable=True)[:num_pos_slots].astype(jnp.int32)
+        shuffle = jnp.where(pos_slot, jax.random.uniform(key_mask, pos_slot.shape), 2.0)
+        slots = jnp.argsort(shuffle)[:num_pos_slots].astype(jnp.int32)
         return rois, lab, m.astype(jnp.int32), targets, slot_valid, slots, pos_slot[slots]
 
     keys = jax.random.split(rng, proposals.shape[0])
