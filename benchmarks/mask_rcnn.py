@@ -16,7 +16,9 @@ Usage:
 
 Numbers: median wall time of `--iters` timed runs after one warm-up; segjax compile
 time (first call, incl. tracing) separately; peak MB = ru_maxrss of the worker (CPU
-has no device memory stats); ratio = torchvision time / segjax time (> 1: segjax faster).
+has no device memory stats); ratio = torchvision time / segjax time (> 1: segjax faster);
+load avg = the machine's 1-minute load at the worker's start and end (other jobs share
+the CPUs: the workers run one after the other, so compare under similar load).
 """
 
 from __future__ import annotations
@@ -197,7 +199,9 @@ def main(argv=None) -> int:
     global SIZE
     SIZE = args.size
     if args.worker:
+        load0 = os.getloadavg()[0]
         res = (worker_segjax if args.worker == "segjax" else worker_torch)(args)
+        res["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # other jobs on the machine
         print(_TAG + json.dumps(res), flush=True)
         return 0
     results = {}
@@ -212,11 +216,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"{w} worker failed (exit {out.returncode})")
         results[w] = json.loads(lines[-1][len(_TAG):])
     print(f"Mask R-CNN R50-FPN, {SIZE}x{SIZE}, fp32, {os.cpu_count()} CPUs")
-    print(f"{'':10s} {'infer s':>9s} {'train s':>9s} {'compile s (inf/train)':>22s} {'peak MB':>9s} {'dets':>5s}")
+    print(f"{'':10s} {'infer s':>9s} {'train s':>9s} {'compile s (inf/train)':>22s} {'peak MB':>9s} {'dets':>5s}"
+          f" {'load avg':>12s}")
     for w, r in results.items():
         comp = f"{r.get('infer_compile_s', float('nan')):.1f}/{r.get('train_compile_s', float('nan')):.1f}"
         print(f"{w:10s} {r['infer_s']:9.3f} {r.get('train_s', float('nan')):9.3f} "
-              f"{comp if w == 'segjax' else '-':>22s} {r['peak_mb']:9.0f} {r['num_detections']:5d}")
+              f"{comp if w == 'segjax' else '-':>22s} {r['peak_mb']:9.0f} {r['num_detections']:5d}"
+              f" {r['loadavg_1min'][0]:5.1f}-{r['loadavg_1min'][1]:<5.1f}")
     if "torch" in results:
         s, t = results["segjax"], results["torch"]
         print(f"ratio (torchvision / segjax): inference {t['infer_s'] / s['infer_s']:.2f}x"
