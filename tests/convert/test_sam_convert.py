@@ -203,6 +203,27 @@ def test_every_source_key_used(tiny):
     assert sorted(report.used) == sorted(sd) and not report.ignored and report.ok
 
 
+def test_non_standard_variant_is_inferred():
+    """Width, depth, heads, global blocks, window, patch, size and decoder dims come from
+    the tensors: an odd SAM converts with nothing but the state dict, and runs."""
+    cfg = dict(TINY, img=192, patch=8, dim=48, depth=3, heads=3, global_idx=(0,), window=6, c=16,
+               dec_mlp=24, iou_hidden=20, mask_in=8)
+    official = make_official(cfg, seed=2)
+    sd = {k: v.numpy() for k, v in official.state_dict().items()}
+    params, meta, report = conv.from_state_dict(sd)
+    kw = meta["model_kwargs"]
+    assert (kw["img_size"], kw["patch_size"], kw["encoder_embed_dim"], kw["encoder_depth"]) == (192, 8, 48, 3)
+    assert (kw["encoder_num_heads"], kw["encoder_global_attn_indexes"], kw["window_size"]) == (3, [0], 6)
+    assert (kw["prompt_embed_dim"], kw["decoder_mlp_dim"], kw["iou_head_hidden_dim"], kw["mask_in_chans"]) == (
+        16, 24, 20, 8)
+    model = models.build(meta["model"], **kw)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 192, 192, 3)).astype(np.float32)
+    emb = model.apply({"params": params}, x, np.array([[192, 192]]), method=model.embed_image)
+    with torch.no_grad():
+        ref = official.image_encoder(official.preprocess(torch.from_numpy(x[0]).permute(2, 0, 1))[None])
+    assert_close("odd variant embeddings", emb, ref.permute(0, 2, 3, 1).numpy())
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 
 
