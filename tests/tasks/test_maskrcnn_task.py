@@ -122,3 +122,25 @@ def test_configs_build_and_class_check(data_dir):
     c.model.kwargs = {"num_classes": 3}
     with pytest.raises(ValueError, match="num_classes=4"):
         maskrcnn.check_num_classes(c, meta)
+
+
+@pytest.mark.slow  # ~7 CPU-minutes: a short real training run
+def test_tiny_mask_rcnn_learns_shapes(data_dir, tmp_path):
+    """400 steps on 64 px shapes take box and mask AP from ~0 (untrained) to clearly
+    above it. Measured: box AP 0.098 (AP50 0.323), mask AP 0.128 (AP50 0.341);
+    the 128 px, 1200-step config reaches 0.73 / 0.70 (see configs/maskrcnn/shapes.py)."""
+    from segjax.metrics_writer import MetricWriter
+
+    c = _config(data_dir, total_steps=400, eval_every=400)
+    c.data.shapes = {**SHAPES, "num_train": 400, "num_val": 50}
+    c.eval.max_images = 0
+    c.optim.warmup_steps = 50
+    c.checkpoint.save_every = 400
+    tr = train_loop.Trainer(c)
+    untrained = maskrcnn.evaluate(tr, tr.init_state()["params"], str(tmp_path / "init"), 0,
+                                  MetricWriter(str(tmp_path / "tb"), enabled=False))
+    assert untrained["bbox/AP50"] < 0.05 and untrained["segm/AP50"] < 0.05, untrained
+    metrics = train_loop.train(c, str(tmp_path / "wd"))
+    assert metrics["eval/images"] == 50
+    for t in ("bbox", "segm"):
+        assert metrics[f"eval/{t}/AP"] > 0.06 and metrics[f"eval/{t}/AP50"] > 0.25, metrics
