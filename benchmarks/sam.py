@@ -229,6 +229,7 @@ def main(argv=None) -> int:
         _prepare(args, tmp)
         print(f"prepared {args.model} weights + conversion in {time.perf_counter() - t0:.1f} s", flush=True)
         ours = _run_worker("segjax", args)
+        print("segjax:", json.dumps(ours), flush=True)  # kept if the reference run is cut short
         ref = None if args.skip_torch else _run_worker("torch", args)
     h, w = _image(args.scale).shape[:2]
     print(f"\nSAM {args.model}, image {h}x{w}, segjax {args.dtype} on {ours['backend']}, "
