@@ -4,7 +4,10 @@ r"""Evaluate the newest checkpoint in a workdir with its config.
   python eval.py --config configs/classification/digits_finetune.py --workdir workdirs/digits_ft
 
 MAE: reconstruction loss on the eval split and a PNG (masked / reconstruction / paste /
-original) under workdir/images; classifier: top-1 accuracy.
+original) under workdir/images; classifier: top-1 accuracy; Mask R-CNN
+(`--config configs/maskrcnn/shapes.py`): COCO box and mask AP (pycocotools), the
+detections JSON under workdir/eval and a PNG of detections | ground truth under
+workdir/images.
 """
 
 from absl import app, flags, logging
