@@ -116,12 +116,13 @@ def test_window_partition_roundtrip():
 
 
 def test_rel_pos_attention_query_blocks_equal_one_block():
-    """Row-blocked attention (lax.map over query rows, used at full size) == one block."""
+    """Blocked attention (lax.map over heads, then query rows; used at full size) == one block."""
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(3, 8 * 6, 2, 16)), jnp.float32) for _ in range(3))
     rh, rw = (jnp.asarray(rng.normal(size=(s, 16)), jnp.float32) for s in (15, 9))  # resized to 15, 11
     one = rel_pos_attention(q, k, v, rh, rw, (8, 6), chunk_bytes=2**40)
-    for chunk in (1, 3 * 2 * 6 * 48 * 4 * 2):  # one row per block; two rows per block
+    # one head and one row per block; one head, four rows; one head, all rows
+    for chunk in (1, 3 * 6 * 48 * 4 * 4, 3 * 48 * 48 * 4):
         np.testing.assert_allclose(rel_pos_attention(q, k, v, rh, rw, (8, 6), chunk_bytes=chunk), one,
                                    rtol=0, atol=1e-5 * float(jnp.abs(one).max()))
 
