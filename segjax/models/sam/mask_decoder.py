@@ -24,25 +24,34 @@ Dtype = Any
 
 class PatchConvTranspose(nn.Module):
     """ConvTranspose2d with kernel_size == stride (non-overlapping): each input pixel
-    writes one k x k output patch. x (B, H, W, I) -> (B, kH, kW, O).
+    writes one k x k output patch. x (N, ..., I) -> (N, ..., k, k, O) (`blocked`: the
+    patch row / column offsets as two new axes before the channels), or for x (B, H, W, I)
+    without `blocked` the spatial image (B, kH, kW, O).
 
     out[k*i + a, k*j + b, o] = sum_c x[i, j, c] kernel[a, b, c, o] + bias[o]; kernel
     (k, k, I, O) is torch's ConvTranspose2d weight [I, O, k, k] transposed (2, 3, 0, 1),
-    no spatial flip (torch's transposed conv scatters without flipping).
+    no spatial flip (torch's transposed conv scatters without flipping). Computed as one
+    matmul (.., I) @ (I, k*k*O): XLA:CPU's transposed convolution and a matmul whose
+    output needs an interleaving transpose are both several times slower, so callers
+    that go on per pixel keep the blocked layout and rearrange only the final result.
     """
 
     features: int
     kernel_size: int = 2
     dtype: Dtype = jnp.float32
+    blocked: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        k, c = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = jnp.einsum("bhwc,pqco->bhpwqo", x, kernel)
-        return einops.rearrange(y, "b h p w q o -> b (h p) (w q) o") + bias.astype(self.dtype)
+        w = einops.rearrange(kernel, "p q c o -> c (p q o)")
+        y = jnp.dot(x, w).reshape(*x.shape[:-1], k, k, self.features) + bias.astype(self.dtype)
+        if self.blocked:
+            return y
+        return einops.rearrange(y, "b h w p q o -> b (h p) (w q) o")
 
 
 class MLP(nn.Module):
@@ -109,15 +118,18 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, :, 0]  # (B, P, C)
         mask_tokens_out = hs[:, :, 1:1 + n_masks]  # (B, P, M, C)
 
-        x = PatchConvTranspose(c // 4, 2, dt, name="output_upscaling_0")(src.reshape(b * p, h, w, c))
+        # upscaling in the blocked layout (B*P, h, w, a, b, a', b', C/8): output pixel
+        # (4i + 2a + a', 4j + 2b + b'); only the masks asked for are multiplied out
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        x = PatchConvTranspose(c // 4, 2, dt, blocked=True, name="output_upscaling_0")(src.reshape(b * p, h, w, c))
         x = gelu_erf(layer_norm_2d("output_upscaling_1")(x))
-        x = gelu_erf(PatchConvTranspose(c // 8, 2, dt, name="output_upscaling_3")(x))  # (B*P, 4h, 4w, C/8)
+        x = gelu_erf(PatchConvTranspose(c // 8, 2, dt, blocked=True, name="output_upscaling_3")(x))
         hyper_in = jnp.stack(
             [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, :, i])
-             for i in range(n_masks)], axis=2).reshape(b * p, n_masks, c // 8)  # (B*P, M, C/8)
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(dt), x.astype(dt)).astype(jnp.float32)
+             for i in range(n_masks)], axis=2).reshape(b * p, n_masks, c // 8)[:, sl]  # (B*P, M', C/8)
+        masks = jnp.einsum("nmk,nhwabcdk->nmhwabcd", hyper_in.astype(dt), x.astype(dt)).astype(jnp.float32)
+        masks = einops.rearrange(masks, "n m h w a b c d -> n m (h a c) (w b d)")
         iou_pred = MLP(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, dt,
                        name="iou_prediction_head")(iou_token_out).astype(jnp.float32)
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        masks = masks.reshape(b, p, n_masks, 4 * h, 4 * w)
-        return masks[:, :, sl], iou_pred[:, :, sl]
+        masks = masks.reshape(b, p, masks.shape[1], 4 * h, 4 * w)
+        return masks, iou_pred[:, :, sl]

@@ -1,0 +1,41 @@
+"""SAM decoder Attention: the folded image -> token form equals plain attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segjax.models.sam.transformer import Attention
+
+
+def _plain(p, q, k, v, mask, n):
+    """Reference attention (the official module's math) in numpy, float64."""
+    def proj(x, name):
+        return x @ np.asarray(p[name]["kernel"], np.float64) + np.asarray(p[name]["bias"], np.float64)
+
+    qh, kh, vh = proj(q, "q_proj"), proj(k, "k_proj"), proj(v, "v_proj")
+    def split(x):
+        return x.reshape(*x.shape[:-1], n, -1).swapaxes(-2, -3)  # (..., N, T, K)
+    qh, kh, vh = split(qh), split(kh), split(vh)
+    logits = qh @ kh.swapaxes(-1, -2) / np.sqrt(qh.shape[-1])
+    logits = np.where(mask[:, :, None, None, :], logits, -1e30)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = (probs @ vh).swapaxes(-2, -3)
+    return proj(out.reshape(*out.shape[:-2], -1), "out_proj")
+
+
+def test_image_to_token_fold_matches_plain_attention():
+    n, c, p, nl, t = 2, 64, 3, 100, 5  # N T = 10 < I = 32 and L > I: the folded path
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 1, nl, c)).astype(np.float32)  # image tokens shared by the prompts
+    k = rng.standard_normal((1, p, t, c)).astype(np.float32)
+    mask = np.ones((1, p, t), bool)
+    mask[0, 1, 3:] = False
+    mod = Attention(n, 2)
+    params = mod.init(jax.random.key(0), q, k, k, mask)["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), params)
+    out = mod.apply({"params": params}, q, k, k, jnp.asarray(mask))
+    ref = _plain(params, np.broadcast_to(q, (1, p, nl, c)).astype(np.float64), k.astype(np.float64),
+                 k.astype(np.float64), mask, n)
+    assert out.shape == (1, p, nl, c)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())  # fp32 vs fp64
