@@ -23,13 +23,14 @@ peak MB: the worker's peak resident set size (getrusage).
   python benchmarks/sam.py --model vit_b --reps-image 3 --reps-predict 20
   python benchmarks/sam.py --skip-torch --dtype bfloat16
 
-Measured (2-core AVX2 EPYC, shared with other jobs, ViT-B, fp32, 800 x 1200;
-`--reps-image 1 --reps-predict 5 --amg-points 8`):
-  set_image   segjax 9.40 s      official 11.13 s      1.18x
-  predict 1   segjax 61.7 ms     official 64.5 ms      1.05x
-  predict 64  segjax 44.4 ms/prompt  official 111.9 ms/prompt  2.52x (decoder-bound)
-  amg (64 points, thresholds 0)  segjax 12.7 s  official 31.2 s  2.45x
-  peak RSS 3.7 GB each; compile 1.7-2.8 s per program.
+Measured (2-core AVX2 EPYC, idle, ViT-B, fp32, 800 x 1200, after the encoder and
+decoder speed-ups of 2026-11-26; `--reps-image 3 --reps-predict 5 --reps-amg 2`):
+  set_image   segjax 8.32 s      official 17.38 s      2.09x (official 11.1-17.4 s across runs)
+  predict 1   segjax 62.5 ms     official 88.1 ms      1.41x
+  predict 64  segjax 43.8 ms/prompt  official 111.1 ms/prompt  2.54x (decoder-bound)
+  amg (256 points, thresholds 0)  segjax 24.3 s  official 69.5 s  2.86x
+  peak RSS 3.8 GB each; compile 0.7-4.5 s per program.
+Earlier, on a loaded machine before those speed-ups: set_image 9.40 vs 11.13 s (1.18x).
 """
 
 from __future__ import annotations
