@@ -56,6 +56,22 @@ class ConvTranspose2x2(nn.Module):
         return y.reshape(n, 2 * h, 2 * w, o) + b.astype(self.dtype)  # (N, 2h, 2w, out)
 
 
+def conv_relu_stack(x: jax.Array, widths: Sequence[int], norm: bool, bn_eps: float,
+                    dtype: jnp.dtype) -> jax.Array:
+    """3x3 `conv{i}` [+ `conv{i}_bn`] + ReLU per width, created in the calling module.
+
+    x: (N, h, w, C) -> (N, h, w, widths[-1]) (x itself for no widths); kaiming-normal
+    fan-out init as torchvision's heads.
+    """
+    kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    for i, c in enumerate(widths):
+        x = conv(c, 3, bias=not norm, name=f"conv{i}", dtype=dtype, kernel_init=kaiming)(x)
+        if norm:
+            x = FrozenBatchNorm(bn_eps, name=f"conv{i}_bn")(x)
+        x = nn.relu(x)
+    return x
+
+
 class BoxHead(nn.Module):
     """TwoMLPHead (`fc6`, `fc7`), or with `convs` FastRCNNConvFCHead (`conv{i}` 3x3 [+
     `conv{i}_bn`] + ReLU, then `fc` + ReLU). (N, 7, 7, F) -> (N, representation_size)."""
@@ -68,12 +84,7 @@ class BoxHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-        for i, c in enumerate(self.convs):
-            x = conv(c, 3, bias=not self.norm, name=f"conv{i}", dtype=self.dtype, kernel_init=kaiming)(x)
-            if self.norm:
-                x = FrozenBatchNorm(self.bn_eps, name=f"conv{i}_bn")(x)
-            x = nn.relu(x)
+        x = conv_relu_stack(x, self.convs, self.norm, self.bn_eps, self.dtype)
         x = x.reshape(x.shape[0], -1)  # (N, 7*7*F), (h, w, c) order
         if self.convs:
             return nn.relu(nn.Dense(self.representation_size, name="fc", dtype=self.dtype)(x))
@@ -105,12 +116,7 @@ class MaskHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-        for i, c in enumerate(self.layers):
-            x = conv(c, 3, bias=not self.norm, name=f"conv{i}", dtype=self.dtype, kernel_init=kaiming)(x)
-            if self.norm:
-                x = FrozenBatchNorm(self.bn_eps, name=f"conv{i}_bn")(x)
-            x = nn.relu(x)
+        x = conv_relu_stack(x, self.layers, self.norm, self.bn_eps, self.dtype)
         return x
 
 
