@@ -38,37 +38,10 @@ from pycocotools import mask as mask_utils
 
 from segjax.data.decode import MAX_CONSECUTIVE_CORRUPT, decode_image
 from segjax.data.pipeline import _local_batch_size, _numbered, _prefetched
+from segjax.models.detection.mask_rcnn import resize_image, resized_hw  # the model's input convention
 
 Batch = dict[str, np.ndarray]
 _log = logging.getLogger(__name__)
-
-
-def resized_hw(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """torchvision's GeneralizedRCNNTransform output size for an (h, w) image."""
-    scale = min(min_size / min(h, w), max_size / max(h, w))
-    return math.floor(h * scale), math.floor(w * scale)
-
-
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices i0, i1 and weight of i1 for align_corners=False bilinear."""
-    scale = np.float32(n_in / n_out)
-    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
-    i0 = np.minimum(src.astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
-def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """image (h, w, C) -> (out_h, out_w, C) float32, as torch's
-    interpolate(mode='bilinear', align_corners=False) without antialias."""
-    x = image.astype(np.float32)
-    h, w = x.shape[:2]
-    if (h, w) == (out_h, out_w):
-        return x
-    r0, r1, ry = _bilinear_taps(h, out_h)
-    c0, c1, cx = _bilinear_taps(w, out_w)
-    rows = x[r0] * (1 - ry)[:, None, None] + x[r1] * ry[:, None, None]  # (out_h, w, C)
-    return rows[:, c0] * (1 - cx)[None, :, None] + rows[:, c1] * cx[None, :, None]
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -157,7 +130,7 @@ class DetectionPreprocess:
             raise ValueError(f"resized image {rh}x{rw} does not fit pad_size {self.pad_size} "
                              f"(min_size {min_size}, max_size {self.max_size})")
         out_image = np.zeros((ph, pw, 3), np.float32)
-        out_image[:rh, :rw] = resize_bilinear(image, rh, rw)
+        out_image[:rh, :rw] = resize_image(image, (rh, rw))
         m = self.max_instances
         n = len(keep)
         out = {}

@@ -10,6 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segjax.data import coco, detection
+from segjax.models.detection.mask_rcnn import resize_image
 from tests.data.coco_fixture import write_tiny_coco
 
 torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def _box_record(image_id, h, w, boxes, labels, iscrowd=None, seed=0):
 def test_resize_matches_torch_interpolate(hw, out):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (*hw, 3)).astype(np.uint8)
-    ours = detection.resize_bilinear(image, *out)
+    ours = resize_image(image, out)
     ref = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=out,
                                           mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-3)  # fp32 rounding of 0..255 values
