@@ -27,18 +27,32 @@ import sys
 from segjax.convert.common import ConversionError
 
 
+def _parser(sub, family: str, summary: str, src: str = "source weights",
+            out: str = "the output path") -> argparse.ArgumentParser:
+    """A family's subcommand with the arguments every converter takes."""
+    p = sub.add_parser(family, help=summary)
+    p.add_argument("src", help=f"{src} (or, with --reverse, a segjax checkpoint dir)")
+    p.add_argument("out", help=f"segjax checkpoint dir (or, with --reverse, {out})")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="source keys that may be dropped (repeatable)")
+    return p
+
+
+def _print_converted(meta: dict, report, out: str) -> int:
+    print(report.summary())
+    print(json.dumps(meta, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_mae(sub) -> None:
-    p = sub.add_parser("mae", help="MAE / ViT (official, timm, Hugging Face ViTMAE)")
-    p.add_argument("src", help="source weights (or, with --reverse, a segjax checkpoint dir)")
-    p.add_argument("out", help="segjax checkpoint dir (or, with --reverse, the output path)")
+    p = _parser(sub, "mae", "MAE / ViT (official, timm, Hugging Face ViTMAE)")
     p.add_argument("--variant", help="registry name to record, e.g. mae_vit_b16 (default: inferred)")
     p.add_argument("--num-heads", type=int, help="encoder heads (not stored in fused qkv weights)")
     p.add_argument("--decoder-num-heads", type=int, help="decoder heads")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="decoder target (default: config.json, else the official file name)")
     p.add_argument("--ln-eps", type=float, help="LayerNorm eps (default: config.json / 1e-6)")
-    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="source keys that may be dropped (repeatable)")
     p.add_argument("--posemb-order", choices=("wh", "hw"), default="wh",
                    help="channel order of a generated decoder_pos_embed (HF checkpoints without it)")
     p.add_argument("--reverse", action="store_true", help="segjax -> torch")
@@ -61,23 +75,16 @@ def _run_mae(args) -> int:
         args.src, args.out, variant=args.variant, num_heads=args.num_heads,
         decoder_num_heads=args.decoder_num_heads, norm_pix_loss=args.norm_pix_loss,
         ln_eps=args.ln_eps, ignore=args.ignore, posemb_order=args.posemb_order)
-    print(report.summary())
     shown = {k: v for k, v in meta.items() if k != "source"}
     shown["source"] = {k: v for k, v in meta["source"].items() if k != "hf_config"}
-    print(json.dumps(shown, indent=2, default=str))
-    print(f"wrote {args.out}")
-    return 0
+    return _print_converted(shown, report, args.out)
 
 
 def _add_sam(sub) -> None:
-    p = sub.add_parser("sam", help="Segment Anything (official segment_anything .pth, Hugging Face SamModel)")
-    p.add_argument("src", help="source weights (or, with --reverse, a segjax checkpoint dir)")
-    p.add_argument("out", help="segjax checkpoint dir (or, with --reverse, the output path)")
+    p = _parser(sub, "sam", "Segment Anything (official segment_anything .pth, Hugging Face SamModel)")
     p.add_argument("--variant", help="assert and record this registry name, e.g. sam_vit_b (default: inferred)")
     p.add_argument("--decoder-num-heads", type=int,
                    help="mask decoder heads (not in the weights; default config.json / 8)")
-    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="source keys that may be dropped (repeatable)")
     p.add_argument("--reverse", action="store_true", help="segjax -> torch")
     p.add_argument("--format", choices=("official", "hf"), default="official",
                    help="target format for --reverse (official: flat .pth for sam_model_registry)")
@@ -93,24 +100,18 @@ def _run_sam(args) -> int:
         return 0
     meta, report = sam.convert(args.src, args.out, variant=args.variant,
                                decoder_num_heads=args.decoder_num_heads, ignore=args.ignore)
-    print(report.summary())
-    print(json.dumps({k: v for k, v in meta.items() if k != "source"}, indent=2, default=str))
-    print(f"wrote {args.out}")
-    return 0
+    return _print_converted({k: v for k, v in meta.items() if k != "source"}, report, args.out)
 
 
 def _add_maskrcnn(sub) -> None:
-    p = sub.add_parser("maskrcnn", help="torchvision Mask R-CNN (maskrcnn_resnet50_fpn, _v2)")
-    p.add_argument("src", help="torchvision state dict .pth/.safetensors (or, with --reverse, a segjax dir)")
-    p.add_argument("out", help="segjax checkpoint dir (or, with --reverse, the output .pth path)")
+    p = _parser(sub, "maskrcnn", "torchvision Mask R-CNN (maskrcnn_resnet50_fpn, _v2)",
+                src="torchvision state dict .pth/.safetensors", out="the output .pth path")
     p.add_argument("--bn-eps", type=float,
                    help="backbone BatchNorm eps (default: 0 for legacy COCO weights without "
                         "num_batches_tracked, else 1e-5)")
     p.add_argument("--variant", help="registry name whose defaults fill anchors/thresholds/sizes "
                                      "(default mask_rcnn_r50_fpn[_v2])")
     p.add_argument("--model-kwargs", default="{}", help="JSON dict of MaskRCNN field overrides")
-    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="source keys that may be dropped (repeatable)")
     p.add_argument("--reverse", action="store_true", help="segjax -> torchvision state dict")
     p.add_argument("--num-batches-tracked", action=argparse.BooleanOptionalAction, default=None,
                    help="--reverse: write nn.BatchNorm2d counters (default: as the source had)")
@@ -126,10 +127,7 @@ def _run_maskrcnn(args) -> int:
         return 0
     meta, report = maskrcnn.convert(args.src, args.out, bn_eps=args.bn_eps, variant=args.variant,
                                     model_kwargs=json.loads(args.model_kwargs), ignore=args.ignore)
-    print(report.summary())
-    print(json.dumps(meta, indent=2, default=str))
-    print(f"wrote {args.out}")
-    return 0
+    return _print_converted(meta, report, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
