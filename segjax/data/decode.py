@@ -91,6 +91,27 @@ class DecodedSource:
         with self._lock:
             return sorted(self._corrupt)
 
+    def _note(self, bucket: set[int], j: int, why: str) -> None:
+        """Counts raw index j in `bucket` and logs the first time it is substituted."""
+        with self._lock:
+            first = j not in bucket
+            bucket.add(j)
+        if first:
+            _log.warning("Record %d %s; substituting the next one.", j, why)
+
+    def _load(self, j: int, record: dict) -> dict | None:
+        """Raw record j -> output, or None (after `_note`) when it must be substituted."""
+        encoded = record[self._image_key]  # a missing key is a broken setup, not a bad file: it propagates
+        try:
+            image = decode_image(encoded)
+        except Exception as e:  # noqa: BLE001 - image decoders raise all sorts on bad bytes.
+            self._note(self._corrupt, j, f"failed to decode ({type(e).__name__}: {e})")
+            return None
+        out = {"image": image}
+        if self._label_key in record:
+            out["label"] = np.asarray(record[self._label_key], np.int32)
+        return out
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         """Record `index` (or its substitute) as {image: (H, W, C) uint8, label: () int32 if present}."""
         n = len(self._source)
@@ -99,21 +120,8 @@ class DecodedSource:
         for offset in range(tries):
             j = (index + offset) % n
             # Reading and key errors propagate: they are not one bad file but a broken setup.
-            record = self._source[j]
-            encoded = record[self._image_key]
-            try:
-                image = decode_image(encoded)
-            except Exception as e:  # noqa: BLE001 - image decoders raise all sorts on bad bytes.
-                with self._lock:
-                    first_time = j not in self._corrupt
-                    self._corrupt.add(j)
-                if first_time:
-                    _log.warning("Record %d failed to decode (%s: %s); substituting the next one.",
-                                 j, type(e).__name__, e)
-                continue
-            out = {"image": image}
-            if self._label_key in record:
-                out["label"] = np.asarray(record[self._label_key], np.int32)
-            return out
-        raise RuntimeError(f"records {index}..{index + tries - 1} (mod {n}) could not be decoded: "
+            out = self._load(j, self._source[j])
+            if out is not None:
+                return out
+        raise RuntimeError(f"records {index}..{index + tries - 1} (mod {n}) could not be decoded or used: "
                            "the data or its format is wrong")

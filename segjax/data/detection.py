@@ -29,14 +29,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from segjax.data.decode import MAX_CONSECUTIVE_CORRUPT, decode_image
+from segjax.data.decode import DecodedSource, decode_image
 from segjax.data.pipeline import _local_batch_size, _numbered, _prefetched
 from segjax.models.detection.mask_rcnn import resize_image, resized_hw  # the model's input convention
 
@@ -157,7 +156,7 @@ def has_training_target(record: dict) -> bool:
     return bool(((boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)).any())
 
 
-class DetectionSource:
+class DetectionSource(DecodedSource):
     """Random-access detection records with the image decoded; bad records substituted.
 
     `source[i]` returns record i with `image` decoded to (h, w, C) uint8. A record
@@ -168,59 +167,33 @@ class DetectionSource:
     change. Each kind is counted once per index.
 
     Attributes:
-      num_corrupt, num_without_target: distinct indices substituted so far.
+      num_corrupt, corrupt_indices, num_without_target: distinct indices substituted so far.
     """
 
     def __init__(self, source: Sequence[dict], require_target: bool = False):
-        if len(source) == 0:
-            raise ValueError("source is empty")
-        self._source = source
+        super().__init__(source, image_key="image")
         self._require_target = require_target
-        self._corrupt: set[int] = set()
         self._no_target: set[int] = set()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    @property
-    def num_corrupt(self) -> int:
-        with self._lock:
-            return len(self._corrupt)
 
     @property
     def num_without_target(self) -> int:
         with self._lock:
             return len(self._no_target)
 
-    def _note(self, bucket: set[int], j: int, why: str) -> None:
-        with self._lock:
-            first = j not in bucket
-            bucket.add(j)
-        if first:
-            _log.warning("record %d %s; substituting the next one", j, why)
-
-    def __getitem__(self, index: int) -> dict:
-        n = len(self._source)
-        index = int(index) % n
-        tries = min(n, MAX_CONSECUTIVE_CORRUPT)
-        for offset in range(tries):
-            j = (index + offset) % n
-            record = self._source[j]
-            if self._require_target and not has_training_target(record):
-                self._note(self._no_target, j, "has no training target (no box > 1 px)")
-                continue
-            try:
-                image = decode_image(record["image"])
-            except Exception as e:  # noqa: BLE001 - image decoders raise all sorts on bad bytes.
-                self._note(self._corrupt, j, f"failed to decode ({type(e).__name__}: {e})")
-                continue
-            if image.shape[:2] != (int(record["height"]), int(record["width"])):
-                self._note(self._corrupt, j, f"decodes to {image.shape[:2]}, not its stored size")
-                continue
-            return {**record, "image": image}
-        raise RuntimeError(f"records {index}..{index + tries - 1} (mod {n}) are all unusable: the data "
-                           "or its format is wrong")
+    def _load(self, j: int, record: dict) -> dict | None:
+        if self._require_target and not has_training_target(record):
+            self._note(self._no_target, j, "has no training target (no box > 1 px)")
+            return None
+        encoded = record["image"]  # a missing key is a broken setup, not a bad file: it propagates
+        try:
+            image = decode_image(encoded)
+        except Exception as e:  # noqa: BLE001 - image decoders raise all sorts on bad bytes.
+            self._note(self._corrupt, j, f"failed to decode ({type(e).__name__}: {e})")
+            return None
+        if image.shape[:2] != (int(record["height"]), int(record["width"])):
+            self._note(self._corrupt, j, f"decodes to {image.shape[:2]}, not its stored size")
+            return None
+        return {**record, "image": image}
 
 
 class DetectionLoader:
