@@ -117,6 +117,9 @@ class MaskRCNN(nn.Module):
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
     mask_rois_per_image: int | None = None  # None: all positives (<= 128), as torchvision
+    # train-time mask head: RoI counts per image it may run on (the smallest that holds
+    # every image's positives is used; None: `mask_buckets`; the slot count is always added)
+    mask_roi_buckets: Sequence[int] | None = None
     # input transform (used by the host code that prepares `image`)
     min_size: int = 800
     max_size: int = 1333
@@ -242,10 +245,27 @@ class MaskRCNN(nn.Module):
         cls, reg = self.roi_heads.box(feats, s["rois"], input_hw)
         loss_box, metrics = fastrcnn_loss(cls, reg, s["labels"], s["regression_targets"], s["valid"])
         take = lambda x: jnp.take_along_axis(x, s["mask_slots"], axis=1)  # noqa: E731
-        mask_rois = jnp.take_along_axis(s["rois"], s["mask_slots"][..., None], axis=1)
-        logits = self.roi_heads.mask(feats, mask_rois, input_hw)
-        loss_mask, m_mask = maskrcnn_loss(logits, mask_rois, take(s["labels"]), take(s["matched_idx"]),
-                                          s["mask_valid"], batch["masks"])
+        mask_rois = jnp.take_along_axis(s["rois"], s["mask_slots"][..., None], axis=1)  # (B, Sp, 4)
+        operands = (mask_rois, take(s["labels"]), take(s["matched_idx"]), s["mask_valid"])
+        # NOTE: the positives fill the first slots of every image, and the padding slots
+        # add exactly zero to the loss and its gradient; so the mask head runs on the
+        # first k slots, k the smallest static bucket that holds every image's
+        # positives, picked at run time (torchvision runs it on the positives alone).
+        sp = mask_rois.shape[1]
+        buckets = tuple(sorted({k for k in self.mask_roi_buckets or mask_buckets(sp) if k < sp} | {sp}))
+        n_pos = s["mask_valid"].sum(axis=1).max()
+        index = jnp.searchsorted(jnp.asarray(buckets), n_pos).clip(0, len(buckets) - 1)
+
+        def branch(k):
+            def run(heads, feats, rois, labels, matched, valid, gt_masks):
+                logits = heads.mask(feats, rois[:, :k], input_hw)
+                return maskrcnn_loss(logits, rois[:, :k], labels[:, :k], matched[:, :k], valid[:, :k],
+                                     gt_masks)[0]
+            return run
+
+        loss_mask = nn.switch(index, [branch(k) for k in buckets], self.roi_heads, feats, *operands,
+                              batch["masks"])
+        m_mask = {"loss_mask": loss_mask}
         metrics.update(m_mask)
         metrics["roi_num_pos"] = s["mask_valid"].sum() / s["valid"].shape[0]
         return loss_box + loss_mask, metrics
@@ -264,6 +284,15 @@ class MaskRCNN(nn.Module):
         total = l_rpn + l_roi
         metrics["loss"] = total
         return total, metrics
+
+
+def mask_buckets(slots: int, smallest: int = 8, factor: int = 2) -> tuple[int, ...]:
+    """Default mask-head RoI buckets: slots, slots / factor, ... down to `smallest`
+    (ascending; e.g. 128 -> (8, 16, 32, 64, 128))."""
+    out = [slots]
+    while out[-1] // factor >= smallest:
+        out.append(out[-1] // factor)
+    return tuple(sorted(out))
 
 
 def mask_rcnn_loss(model: MaskRCNN, params: Any, batch: dict[str, jax.Array], rng: jax.Array
