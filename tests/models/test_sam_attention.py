@@ -39,3 +39,34 @@ def test_image_to_token_fold_matches_plain_attention():
                  k.astype(np.float64), mask, n)
     assert out.shape == (1, p, nl, c)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())  # fp32 vs fp64
+
+
+def test_token_to_image_fold_matches_plain_attention():
+    n, c, p, nl, t = 2, 64, 3, 100, 5  # N T = 10 < I = 32, L > I, per-prompt keys: the folded path
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, p, t, c)).astype(np.float32)
+    k = rng.standard_normal((1, p, nl, c)).astype(np.float32)  # image tokens, one set per prompt
+    v = rng.standard_normal((1, p, nl, c)).astype(np.float32)
+    mod = Attention(n, 2)
+    params = mod.init(jax.random.key(0), q, k, v)["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
+    out = mod.apply({"params": params}, q, k, v)
+    ref = _plain(params, q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                 np.ones((1, p, nl), bool), n)
+    assert out.shape == (1, p, t, c)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())  # fp32 vs fp64
+
+
+def test_token_to_image_fold_single_prompt_matches_plain_attention():
+    n, c, nl, t = 2, 64, 100, 5  # P = 1 on both sides: folded too
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 1, t, c)).astype(np.float32)
+    k = rng.standard_normal((1, 1, nl, c)).astype(np.float32)
+    mod = Attention(n, 2)
+    params = mod.init(jax.random.key(0), q, k, k)["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), params)
+    out = mod.apply({"params": params}, q, k, k)
+    ref = _plain(params, q.astype(np.float64), k.astype(np.float64), k.astype(np.float64),
+                 np.ones((1, 1, nl), bool), n)
+    assert out.shape == (1, 1, t, c)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

@@ -121,14 +121,17 @@ class MaskDecoder(nn.Module):
         # upscaling in the blocked layout (B*P, h, w, a, b, a', b', C/8): output pixel
         # (4i + 2a + a', 4j + 2b + b'); only the masks asked for are multiplied out
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        x = PatchConvTranspose(c // 4, 2, dt, blocked=True, name="output_upscaling_0")(src.reshape(b * p, h, w, c))
-        x = gelu_erf(layer_norm_2d("output_upscaling_1")(x))
-        x = gelu_erf(PatchConvTranspose(c // 8, 2, dt, blocked=True, name="output_upscaling_3")(x))
         hyper_in = jnp.stack(
             [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, :, i])
              for i in range(n_masks)], axis=2).reshape(b * p, n_masks, c // 8)[:, sl]  # (B*P, M', C/8)
-        masks = jnp.einsum("nmk,nhwabcdk->nmhwabcd", hyper_in.astype(dt), x.astype(dt)).astype(jnp.float32)
-        masks = einops.rearrange(masks, "n m h w a b c d -> n m (h a c) (w b d)")
+        up0 = PatchConvTranspose(c // 4, 2, dt, blocked=True, name="output_upscaling_0")
+        ln = layer_norm_2d("output_upscaling_1")
+        up3 = PatchConvTranspose(c // 8, 2, dt, blocked=True, name="output_upscaling_3")
+
+        x = gelu_erf(ln(up0(src.reshape(b * p, h, w, c))))
+        x = gelu_erf(up3(x))  # (B*P, h, w, 2, 2, 2, 2, C/8)
+        masks = jnp.einsum("nmk,nhwabcdk->nhwabcdm", hyper_in.astype(dt), x.astype(dt)).astype(jnp.float32)
+        masks = einops.rearrange(masks, "n h w a b c d m -> n m (h a c) (w b d)")
         iou_pred = MLP(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, dt,
                        name="iou_prediction_head")(iou_token_out).astype(jnp.float32)
         masks = masks.reshape(b, p, masks.shape[1], 4 * h, 4 * w)

@@ -76,9 +76,16 @@ class Attention(nn.Module):
     N Tk = 56 < I = 128 in SAM's decoder) folds the projections of the image side into
     the token side (same function, other rounding): logits_n = q (Wq_n k_n^T) + bq_n k_n^T
     and out = sum_n probs_n (v_n Wo_n) + bo, never projecting the L image queries, which
-    takes its per-prompt work from ~2 L C I to ~2 L C N Tk multiply-adds (~17% of the
-    decoder's CPU time at 64 prompts with the upscaling change). The same fold of token
-    -> image attention measured slower on XLA:CPU and is not used.
+    takes its per-prompt work from ~2 L C I to ~2 L C N Tk multiply-adds.
+
+    Token -> image attention with per-prompt image tokens (layer 1 and the final
+    attention: the image side has been updated per prompt) folds the same way:
+    logits_n = (q_n Wk_n^T) k^T (q . bk is constant over the keys, which softmax drops)
+    and out_n = (probs_n v) Wv_n + bv (the probabilities sum to 1). Both products keep
+    the L x C image tokens as the row-major left operand (L, C) @ (C, N Tq), so XLA:CPU
+    never transposes them; the unfolded k / v projections of 64 prompts' 4096 tokens
+    and their head transposes were ~60% of the decoder's CPU time. Image tokens shared
+    by several prompts (layer 0) are projected once, unfolded.
     """
 
     num_heads: int
@@ -120,6 +127,19 @@ class Attention(nn.Module):
             probs = probs.reshape(*probs.shape[:-2], n * tk)
             vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}ntc", vh, wo.reshape(n, hd, c)).reshape(*a.shape[:-2], n * tk, c)
             out = jnp.einsum(f"b{po}lm,b{pk}mc->b{po}lc", probs, vo) + bo
+        elif n * tq < internal < tk and (pk or not pq):  # token -> image tokens not shared by prompts
+            qh = heads(q, wq, bq)  # (B, P?, Tq, N, K)
+            a = jnp.einsum(f"b{pq}tnk,cnk->b{pq}cnt", qh, wk.reshape(c, n, hd))
+            a = a.reshape(*a.shape[:-2], n * tq)  # (B, P?, C, N Tq)
+            # q . bk is the same for every key: softmax drops it, so it is not added
+            logits = jnp.einsum(f"b{pk}lc,b{pq}cm->b{po}lm", _squeeze_shared(k), a)  # (B, P?, L, N Tq)
+            logits = logits.astype(jnp.float32) / scale
+            probs = jax.nn.softmax(logits, axis=-2).astype(dt)  # over the keys L
+            ctx = jnp.einsum(f"b{po}lm,b{pk}lc->b{po}mc", probs, _squeeze_shared(v))  # (B, P?, N Tq, C)
+            # the probabilities sum to 1: sum_l p_l (v_l Wv + bv) = (sum_l p_l v_l) Wv + bv
+            ctx = ctx.reshape(*ctx.shape[:-2], n, tq, c)
+            o = jnp.einsum(f"b{po}ntc,cnk->b{po}tnk", ctx, wv.reshape(c, n, hd)) + bv.reshape(n, hd)
+            out = o.reshape(*o.shape[:-2], internal) @ wo + bo
         else:
             qh, kh, vh = heads(q, wq, bq), heads(k, wk, bk), heads(v, wv, bv)
             logits = jnp.einsum(f"b{pq}qnk,b{pk}snk->b{po}nqs", qh, kh)
