@@ -121,9 +121,14 @@ class Attention(nn.Module):
             kh, vh = heads(k, wk, bk), heads(v, wv, bv)  # (B, P?, Tk, N, K)
             a = jnp.einsum(f"cnk,b{pk}tnk->b{pk}cnt", wq.reshape(c, n, hd), kh)
             a = a.reshape(*a.shape[:-2], n * tk)  # (B, P?, C, N Tk)
-            qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}nt", bq.reshape(n, hd), kh).reshape(*a.shape[:-2], 1, n * tk)
+            qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}nt", bq.reshape(n, hd), kh)  # (B, P?, N, Tk)
+            if key_mask is not None:  # masked keys: -inf in the bias row (no pass over the logits)
+                km = key_mask if pk else key_mask[:, 0]
+                qb = qb + jnp.where(km[..., None, :], 0.0, -jnp.inf).astype(qb.dtype)
+            qb = qb.reshape(*a.shape[:-2], 1, n * tk)
             logits = jnp.einsum(f"b{pq}lc,b{pk}cm->b{po}lm", _squeeze_shared(q), a) + qb
-            probs = softmax(logits.reshape(*logits.shape[:-1], n, tk))  # (B, P?, L, N, Tk)
+            logits = logits.reshape(*logits.shape[:-1], n, tk).astype(jnp.float32) / scale
+            probs = jax.nn.softmax(logits, axis=-1).astype(dt)  # (B, P?, L, N, Tk)
             probs = probs.reshape(*probs.shape[:-2], n * tk)
             vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}ntc", vh, wo.reshape(n, hd, c)).reshape(*a.shape[:-2], n * tk, c)
             out = jnp.einsum(f"b{po}lm,b{pk}mc->b{po}lc", probs, vo) + bo
