@@ -251,12 +251,13 @@ def test_model_is_registered():
     assert models.build("mask_rcnn_r50_fpn_v2").head_norm
 
 
+@pytest.mark.parametrize("hw", [(11, 14), (37, 40)])  # patch matmul / per-tap slices (>= 256 outputs)
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
-def test_conv2d_custom_vjp_matches_xla(k, stride, pad):
+def test_conv2d_custom_vjp_matches_xla(k, stride, pad, hw):
     from segjax.models.detection.backbone import _conv_fwd_impl, conv2d
 
     rng = np.random.default_rng(k + stride)
-    x = jnp.asarray(rng.standard_normal((2, 11, 14, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, 5, 4)), jnp.float32)
     ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, stride, pad))), (0, 1))(x, w)
     ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(_conv_fwd_impl(x, w, stride, pad))), (0, 1))(x, w)

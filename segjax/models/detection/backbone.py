@@ -65,11 +65,35 @@ class FrozenBatchNorm(nn.Module):
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
+_SLICE_MIN_OUTPUTS = 256  # per-tap slices for dW from this many output pixels per image
 
 
 def _conv_fwd_impl(x, w, stride, padding):
     return jax.lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding), (padding, padding)),
                                         dimension_numbers=_DN)
+
+
+def _weight_grad_matmul(x, g, w_shape, stride, padding):
+    """dW (kh, kw, C, O) of a conv as matmuls: sum over (n, y, x) of input patch x dy.
+
+    Large maps: one (C, O) matmul per kernel tap on a strided slice of the padded
+    input (kh*kw input-sized copies at most, no patch tensor). Small maps (RoI heads):
+    one matmul on the (N, Ho, Wo, C*kh*kw) patches, faster there on XLA:CPU.
+    """
+    kh, kw, c, o = w_shape
+    n, ho, wo, _ = g.shape
+    if kh == kw == 1 and padding == 0:
+        return jnp.einsum("nhwc,nhwo->co", x[:, ::stride, ::stride], g).reshape(1, 1, c, o)
+    if ho * wo >= _SLICE_MIN_OUTPUTS:
+        xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        taps = [jnp.einsum("nhwc,nhwo->co", jax.lax.slice(
+            xp, (0, ky, kx, 0), (n, ky + (ho - 1) * stride + 1, kx + (wo - 1) * stride + 1, c),
+            (1, stride, stride, 1)), g) for ky in range(kh) for kx in range(kw)]
+        return jnp.stack(taps).reshape(kh, kw, c, o)
+    patches = jax.lax.conv_general_dilated_patches(  # (N, Ho, Wo, C*kh*kw), (c, kh, kw) order
+        x, (kh, kw), (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=_DN, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("nhwk,nhwo->ko", patches, g).reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -78,8 +102,9 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
 
     NOTE: XLA:CPU's kernel-gradient convolution is several times slower than the
     forward (measured 10 s vs 3 s for a 3x3, 256-channel conv over 256 RoIs of 14x14),
-    so on CPU the backward pass computes dW = patches(x)^T @ dy with a matmul; dx stays
-    XLA's transposed convolution. Other platforms use XLA's own gradients. Values are
+    so on CPU the backward pass computes dW = patches(x)^T @ dy with matmuls
+    (`_weight_grad_matmul`); dx stays XLA's transposed convolution (as fast as the
+    forward there). Other platforms use XLA's own gradients. Values are
     those of `lax.conv_general_dilated`.
     """
     return _conv_fwd_impl(x, w, stride, padding)
@@ -99,15 +124,7 @@ def _conv2d_bwd(stride, padding, res, g):
     def dx_dw_cpu(x, w, g):
         _, vjp_x = jax.vjp(lambda x: _conv_fwd_impl(x, w, stride, padding), x)
         (dx,) = vjp_x(g)
-        kh, kw, c, o = w.shape
-        if kh == kw == 1 and padding == 0:
-            dw = jnp.einsum("nhwc,nhwo->co", x[:, ::stride, ::stride], g).reshape(1, 1, c, o)
-        else:
-            patches = jax.lax.conv_general_dilated_patches(  # (N, Ho, Wo, C*kh*kw), (c, kh, kw) order
-                x, (kh, kw), (stride, stride), ((padding, padding), (padding, padding)),
-                dimension_numbers=_DN, precision=jax.lax.Precision.HIGHEST)
-            dw = jnp.einsum("nhwk,nhwo->ko", patches, g).reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
-        return dx, dw.astype(w.dtype)
+        return dx, _weight_grad_matmul(x, g, w.shape, stride, padding).astype(w.dtype)
 
     # NOTE: the patch matmul is an XLA:CPU workaround; it materialises kh*kw copies of
     # the input, which GPUs and TPUs don't need (their kernel-gradient convolutions are

@@ -42,6 +42,7 @@ from segjax.models.detection.roi_heads import (
     BOX_WEIGHTS,
     RoIHeads,
     box_postprocess,
+    bucketed_mask_loss,
     fastrcnn_loss,
     mask_probs,
     maskrcnn_loss,
@@ -246,25 +247,21 @@ class MaskRCNN(nn.Module):
         loss_box, metrics = fastrcnn_loss(cls, reg, s["labels"], s["regression_targets"], s["valid"])
         take = lambda x: jnp.take_along_axis(x, s["mask_slots"], axis=1)  # noqa: E731
         mask_rois = jnp.take_along_axis(s["rois"], s["mask_slots"][..., None], axis=1)  # (B, Sp, 4)
-        operands = (mask_rois, take(s["labels"]), take(s["matched_idx"]), s["mask_valid"])
-        # NOTE: the positives fill the first slots of every image, and the padding slots
-        # add exactly zero to the loss and its gradient; so the mask head runs on the
-        # first k slots, k the smallest static bucket that holds every image's
-        # positives, picked at run time (torchvision runs it on the positives alone).
+        # NOTE: the mask head runs on the first k slots of every image, k the smallest
+        # static bucket that holds every image's positives (exact: see bucketed_mask_loss).
         sp = mask_rois.shape[1]
-        buckets = tuple(sorted({k for k in self.mask_roi_buckets or mask_buckets(sp) if k < sp} | {sp}))
-        n_pos = s["mask_valid"].sum(axis=1).max()
-        index = jnp.searchsorted(jnp.asarray(buckets), n_pos).clip(0, len(buckets) - 1)
-
-        def branch(k):
-            def run(heads, feats, rois, labels, matched, valid, gt_masks):
-                logits = heads.mask(feats, rois[:, :k], input_hw)
-                return maskrcnn_loss(logits, rois[:, :k], labels[:, :k], matched[:, :k], valid[:, :k],
-                                     gt_masks)[0]
-            return run
-
-        loss_mask = nn.switch(index, [branch(k) for k in buckets], self.roi_heads, feats, *operands,
-                              batch["masks"])
+        buckets = sorted({k for k in self.mask_roi_buckets or mask_buckets(sp) if k < sp} | {sp})
+        labels, matched = take(s["labels"]), take(s["matched_idx"])
+        if self.is_initializing():  # creates the mask head params: the plain way, all slots
+            logits = self.roi_heads.mask(feats, mask_rois, input_hw)
+            loss_mask = maskrcnn_loss(logits, mask_rois, labels, matched, s["mask_valid"], batch["masks"])[0]
+        else:
+            unbound = self.roi_heads.clone(parent=None)
+            mask_fn = lambda p, f, r: unbound.apply({"params": p}, f, r, input_hw,  # noqa: E731
+                                                    method=RoIHeads.mask)
+            head_params = {n: self.roi_heads.variables["params"][n] for n in ("mask_head", "mask_predictor")}
+            loss_mask = bucketed_mask_loss(mask_fn, head_params, feats, mask_rois, labels, matched,
+                                           s["mask_valid"], batch["masks"], buckets)
         m_mask = {"loss_mask": loss_mask}
         metrics.update(m_mask)
         metrics["roi_num_pos"] = s["mask_valid"].sum() / s["valid"].shape[0]

@@ -18,8 +18,10 @@ NOTE: the flattened RoI features are (h, w, c) ordered (NHWC); torchvision flatt
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -390,3 +392,51 @@ def maskrcnn_loss(mask_logits: jax.Array, rois: jax.Array, labels: jax.Array, ma
     per_roi = bce_with_logits(logits, targets).mean(axis=(-1, -2))
     loss = jnp.sum(jnp.where(valid, per_roi, 0.0)) / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
     return loss, {"loss_mask": loss}
+
+
+def bucketed_mask_loss(mask_fn: Callable[..., jax.Array], params: Any, feats: list[jax.Array], rois: jax.Array,
+                       labels: jax.Array, matched_idx: jax.Array, valid: jax.Array, gt_masks: jax.Array,
+                       buckets: Sequence[int]) -> jax.Array:
+    """`maskrcnn_loss` of `mask_fn(params, feats, rois)` run on only the first k slots.
+
+    The valid slots must come first in every image (`select_training_samples` puts the
+    positives first); k is the smallest of the static `buckets` (ascending, the last
+    = R) that holds every image's valid slots, chosen at run time (`lax.switch`).
+    The padding slots add exactly zero to the loss and its gradient, so the value and
+    the gradients are those of running the head on all R slots (torchvision runs it on
+    the positives alone).
+
+    The gradient w.r.t. params and feats is computed in the same branch as the loss
+    (one `jax.vjp` per bucket) and only scaled in the backward pass: differentiating
+    through `lax.switch` would instead make every branch return zero-filled copies of
+    the other branches' residuals (hundreds of MB for the largest bucket).
+
+    mask_fn(params, feats, rois (B, k, 4)) -> (B, k, h, w, C) logits; rois (B, R, 4);
+    labels, matched_idx (B, R) int; valid (B, R) bool; gt_masks (B, M, H, W) -> () loss.
+    """
+    buckets = tuple(buckets)
+    if list(buckets) != sorted(buckets) or buckets[-1] != rois.shape[1]:
+        raise ValueError(f"buckets must ascend to the slot count {rois.shape[1]}, got {buckets}")
+    index = jnp.searchsorted(jnp.asarray(buckets), valid.sum(axis=1).max())
+    index = jnp.clip(index, 0, len(buckets) - 1)
+    rest = (rois, labels, matched_idx, valid, gt_masks)
+
+    def loss_k(k, params, feats):
+        logits = mask_fn(params, feats, rois[:, :k])
+        return maskrcnn_loss(logits, rois[:, :k], labels[:, :k], matched_idx[:, :k], valid[:, :k], gt_masks)[0]
+
+    @jax.custom_vjp
+    def loss(params, feats, *_):
+        return jax.lax.switch(index, [functools.partial(loss_k, k) for k in buckets], params, feats)
+
+    def loss_fwd(params, feats, *_):
+        def value_and_grads(k, params, feats):
+            value, vjp = jax.vjp(functools.partial(loss_k, k), params, feats)
+            return value, vjp(jnp.ones_like(value))
+        return jax.lax.switch(index, [functools.partial(value_and_grads, k) for k in buckets], params, feats)
+
+    def loss_bwd(grads, g):
+        return (*jax.tree_util.tree_map(lambda x: x * g.astype(x.dtype), grads), *(None,) * len(rest))
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss(params, feats, *rest)
