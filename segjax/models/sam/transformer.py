@@ -56,13 +56,13 @@ def _squeeze_shared(x: jax.Array) -> jax.Array:
 
 
 def _mask_logits(logits: jax.Array, key_mask: jax.Array | None, pk: str) -> jax.Array:
-    """logits (B, P?, X, Y, Tk) (P? absent when no operand has a prompt axis), key_mask
+    """logits (B, N, P?, Tq, Tk) (P? absent when no operand has a prompt axis), key_mask
     (B, Pk, Tk) bool or None -> masked logits (masked keys at the float32 minimum)."""
     if key_mask is None:
         return logits
-    m = (key_mask if pk else key_mask[:, :1])[:, :, None, None, :]  # (B, Pk, 1, 1, Tk)
+    m = (key_mask if pk else key_mask[:, :1])[:, None, :, None, :]  # (B, 1, Pk, 1, Tk)
     if logits.ndim == 4:
-        m = m[:, 0]
+        m = m[:, :, 0]
     return jnp.where(m, logits, jnp.finfo(jnp.float32).min)
 
 
@@ -147,9 +147,11 @@ class Attention(nn.Module):
             out = o.reshape(*o.shape[:-2], internal) @ wo + bo
         else:
             qh, kh, vh = heads(q, wq, bq), heads(k, wk, bk), heads(v, wv, bv)
-            logits = jnp.einsum(f"b{pq}qnk,b{pk}snk->b{po}nqs", qh, kh)
+            # heads ahead of the prompts: per head one (P Tq, K) @ (K, Tk) product and
+            # (P Tq, Tk) @ (Tk, K) back, no transpose of the probabilities
+            logits = jnp.einsum(f"b{pq}qnk,b{pk}snk->bn{po}qs", qh, kh)
             probs = softmax(logits)
-            o = jnp.einsum(f"b{po}nqs,b{pk}snk->b{po}qnk", probs, vh)
+            o = jnp.einsum(f"bn{po}qs,b{pk}snk->b{po}qnk", probs, vh)
             out = o.reshape(*o.shape[:-2], internal) @ wo + bo
         return out if po else out[:, None]
 
