@@ -118,19 +118,21 @@ class Attention(nn.Module):
             return jax.nn.softmax(_mask_logits(logits, key_mask, pk), axis=-1).astype(dt)
 
         if n * tk < internal and tq > internal:  # image -> token
+            # columns ordered (token, head): the softmax over the Tk tokens then runs on
+            # vectors of N heads instead of reducing a minor axis of length Tk
             kh, vh = heads(k, wk, bk), heads(v, wv, bv)  # (B, P?, Tk, N, K)
-            a = jnp.einsum(f"cnk,b{pk}tnk->b{pk}cnt", wq.reshape(c, n, hd), kh)
-            a = a.reshape(*a.shape[:-2], n * tk)  # (B, P?, C, N Tk)
-            qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}nt", bq.reshape(n, hd), kh)  # (B, P?, N, Tk)
+            a = jnp.einsum(f"cnk,b{pk}tnk->b{pk}ctn", wq.reshape(c, n, hd), kh)
+            a = a.reshape(*a.shape[:-2], tk * n)  # (B, P?, C, Tk N)
+            qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}tn", bq.reshape(n, hd), kh)  # (B, P?, Tk, N)
             if key_mask is not None:  # masked keys: -inf in the bias row (no pass over the logits)
                 km = key_mask if pk else key_mask[:, 0]
-                qb = qb + jnp.where(km[..., None, :], 0.0, -jnp.inf).astype(qb.dtype)
-            qb = qb.reshape(*a.shape[:-2], 1, n * tk)
+                qb = qb + jnp.where(km[..., :, None], 0.0, -jnp.inf).astype(qb.dtype)
+            qb = qb.reshape(*a.shape[:-2], 1, tk * n)
             logits = jnp.einsum(f"b{pq}lc,b{pk}cm->b{po}lm", _squeeze_shared(q), a) + qb
-            logits = logits.reshape(*logits.shape[:-1], n, tk).astype(jnp.float32) / scale
-            probs = jax.nn.softmax(logits, axis=-1).astype(dt)  # (B, P?, L, N, Tk)
-            probs = probs.reshape(*probs.shape[:-2], n * tk)
-            vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}ntc", vh, wo.reshape(n, hd, c)).reshape(*a.shape[:-2], n * tk, c)
+            logits = logits.reshape(*logits.shape[:-1], tk, n).astype(jnp.float32) / scale
+            probs = jax.nn.softmax(logits, axis=-2).astype(dt)  # (B, P?, L, Tk, N)
+            probs = probs.reshape(*probs.shape[:-2], tk * n)
+            vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}tnc", vh, wo.reshape(n, hd, c)).reshape(*a.shape[:-2], tk * n, c)
             out = jnp.einsum(f"b{po}lm,b{pk}mc->b{po}lc", probs, vo) + bo
         elif n * tq < internal < tk and (pk or not pq):  # token -> image tokens not shared by prompts
             qh = heads(q, wq, bq)  # (B, P?, Tq, N, K)
