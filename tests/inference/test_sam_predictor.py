@@ -112,7 +112,7 @@ def test_resize_bilinear_matches_torch_interpolate():
 
 def test_buckets():
     assert [bucket(n, (1, 8, 16, 32, 64)) for n in (1, 2, 8, 9, 64, 65, 200)] == [1, 8, 8, 16, 64, 128, 256]
-    assert [token_bucket(t) for t in (0, 1, 2, 3, 5, 8, 9, 17)] == [8, 8, 8, 8, 8, 8, 16, 32]
+    assert [token_bucket(t) for t in (0, 1, 2, 3, 5, 8, 9, 17)] == [2, 2, 2, 4, 8, 8, 16, 32]
 
 
 # ----------------------------------------------------------------------------- predictor parity
