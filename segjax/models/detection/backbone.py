@@ -65,7 +65,6 @@ class FrozenBatchNorm(nn.Module):
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
-_SLICE_MIN_OUTPUTS = 256  # per-tap slices for dW from this many output pixels per image
 
 
 def _conv_fwd_impl(x, w, stride, padding):
@@ -76,24 +75,25 @@ def _conv_fwd_impl(x, w, stride, padding):
 def _weight_grad_matmul(x, g, w_shape, stride, padding):
     """dW (kh, kw, C, O) of a conv as matmuls: sum over (n, y, x) of input patch x dy.
 
-    Large maps: one (C, O) matmul per kernel tap on a strided slice of the padded
-    input (kh*kw input-sized copies at most, no patch tensor). Small maps (RoI heads):
-    one matmul on the (N, Ho, Wo, C*kh*kw) patches, faster there on XLA:CPU.
+    One (O, N*Ho*Wo) @ (N*Ho*Wo, C) matmul per kernel tap, on a strided slice of the
+    padded input, with dy^T materialised once and shared by the taps: XLA:CPU's dot
+    wants the contracted axis minor in its left operand, and its transposing copies
+    are slow, so the one transposed operand is dy (1 copy, not one per tap; measured
+    2.5x faster than x-slice^T @ dy, and 1.6x faster than a (C*kh*kw)-channel patch
+    tensor on 14x14 RoIs).
     """
     kh, kw, c, o = w_shape
     n, ho, wo, _ = g.shape
-    if kh == kw == 1 and padding == 0:
-        return jnp.einsum("nhwc,nhwo->co", x[:, ::stride, ::stride], g).reshape(1, 1, c, o)
-    if ho * wo >= _SLICE_MIN_OUTPUTS:
-        xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        taps = [jnp.einsum("nhwc,nhwo->co", jax.lax.slice(
-            xp, (0, ky, kx, 0), (n, ky + (ho - 1) * stride + 1, kx + (wo - 1) * stride + 1, c),
-            (1, stride, stride, 1)), g) for ky in range(kh) for kx in range(kw)]
-        return jnp.stack(taps).reshape(kh, kw, c, o)
-    patches = jax.lax.conv_general_dilated_patches(  # (N, Ho, Wo, C*kh*kw), (c, kh, kw) order
-        x, (kh, kw), (stride, stride), ((padding, padding), (padding, padding)),
-        dimension_numbers=_DN, precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("nhwk,nhwo->ko", patches, g).reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
+    if kh == kw == 1 and padding == 0:  # transpose the operand with fewer channels
+        xs = x[:, ::stride, ::stride]
+        dw = jnp.einsum("nhwc,nhwo->co", xs, g) if c <= o else jnp.einsum("nhwo,nhwc->oc", g, xs).T
+        return dw.reshape(1, 1, c, o)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    g_t = g.reshape(-1, o).T  # (O, N*Ho*Wo)
+    taps = [g_t @ jax.lax.slice(xp, (0, ky, kx, 0), (n, ky + (ho - 1) * stride + 1, kx + (wo - 1) * stride + 1, c),
+                                (1, stride, stride, 1)).reshape(-1, c)
+            for ky in range(kh) for kx in range(kw)]  # kh*kw x (O, C)
+    return jnp.stack(taps).reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -126,7 +126,7 @@ def _conv2d_bwd(stride, padding, res, g):
         (dx,) = vjp_x(g)
         return dx, _weight_grad_matmul(x, g, w.shape, stride, padding).astype(w.dtype)
 
-    # NOTE: the patch matmul is an XLA:CPU workaround; it materialises kh*kw copies of
+    # NOTE: the per-tap matmuls are an XLA:CPU workaround; they copy kh*kw slices of
     # the input, which GPUs and TPUs don't need (their kernel-gradient convolutions are
     # fast), so it is chosen per platform at lowering time (also under jax.export).
     return jax.lax.platform_dependent(x, w, g, cpu=dx_dw_cpu, default=dx_dw_xla)
