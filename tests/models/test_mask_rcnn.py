@@ -263,3 +263,27 @@ def test_conv2d_custom_vjp_matches_xla(k, stride, pad, hw):
     ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(_conv_fwd_impl(x, w, stride, pad))), (0, 1))(x, w)
     for a, b in zip(ours, ref):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("n_nonzero", [5, 40])  # <= K: sparse backward; > K: dense fallback
+def test_rpn_head_sparse_backward_matches_dense(n_nonzero):
+    from segjax.models.detection.rpn import _head_dense, rpn_head_level
+
+    rng = np.random.default_rng(n_nonzero)
+    f = jnp.asarray(rng.standard_normal((2, 12, 10, 8)), jnp.float32)
+    shapes = [(3, 3, 8, 8), (8,), (1, 1, 8, 3), (3,), (1, 1, 8, 12), (12,)]
+    ws = [jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32) for s in shapes]
+    # cotangents on a few positions per image only, like the RPN loss on its sampled anchors
+    mask = np.zeros((2, 12 * 10), bool)
+    for i in range(2):
+        mask[i, rng.choice(120, n_nonzero, replace=False)] = True
+    mask = jnp.asarray(mask.reshape(2, 12, 10, 1))
+    g_cls = jnp.where(mask, jnp.asarray(rng.standard_normal((2, 12, 10, 3)), jnp.float32), 0.0)
+    g_reg = jnp.where(mask, jnp.asarray(rng.standard_normal((2, 12, 10, 12)), jnp.float32), 0.0)
+
+    def loss(fn):
+        return lambda *a: sum(jnp.sum(o * g) for o, g in zip(fn(*a), (g_cls, g_reg)))
+    ours = jax.jit(jax.grad(loss(lambda *a: rpn_head_level(*a, 16)), argnums=tuple(range(7))))(f, *ws)
+    ref = jax.jit(jax.grad(loss(_head_dense), argnums=tuple(range(7))))(f, *ws)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5

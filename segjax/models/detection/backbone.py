@@ -80,14 +80,17 @@ def _weight_grad_matmul(x, g, w_shape, stride, padding):
     wants the contracted axis minor in its left operand, and its transposing copies
     are slow, so the one transposed operand is dy (1 copy, not one per tap; measured
     2.5x faster than x-slice^T @ dy, and 1.6x faster than a (C*kh*kw)-channel patch
-    tensor on 14x14 RoIs).
+    tensor on 14x14 RoIs). Written as 2-D matmuls with the transpose on the stacked
+    result: an einsum or a transposed dot lets XLA fold the transpose back into the
+    dot's operands.
     """
     kh, kw, c, o = w_shape
     n, ho, wo, _ = g.shape
-    if kh == kw == 1 and padding == 0:  # transpose the operand with fewer channels
-        xs = x[:, ::stride, ::stride]
-        dw = jnp.einsum("nhwc,nhwo->co", xs, g) if c <= o else jnp.einsum("nhwo,nhwc->oc", g, xs).T
-        return dw.reshape(1, 1, c, o)
+    if kh == kw == 1 and padding == 0:  # one tap: transpose the operand with fewer channels
+        xs = x[:, ::stride, ::stride].reshape(-1, c)
+        if c < o:
+            return jnp.stack([xs.T @ g.reshape(-1, o)]).reshape(1, 1, c, o)
+        return jnp.stack([g.reshape(-1, o).T @ xs]).reshape(1, 1, o, c).transpose(0, 1, 3, 2)
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     g_t = g.reshape(-1, o).T  # (O, N*Ho*Wo)
     taps = [g_t @ jax.lax.slice(xp, (0, ky, kx, 0), (n, ky + (ho - 1) * stride + 1, kx + (wo - 1) * stride + 1, c),

@@ -133,7 +133,9 @@ class MaskRCNN(nn.Module):
         self.backbone = BackboneWithFPN(self.depths, self.stem_width, self.width_per_group, self.bn_eps,
                                         self.trainable_layers, self.fpn_channels, self.head_norm,
                                         self.head_bn_eps, self.dtype)
-        self.rpn = RPNHead(len(self.anchor_sizes[0]) * len(self.aspect_ratios), self.rpn_conv_depth, self.dtype)
+        # the RPN loss reaches at most rpn_batch_size_per_image anchors (so positions) per image
+        self.rpn = RPNHead(len(self.anchor_sizes[0]) * len(self.aspect_ratios), self.rpn_conv_depth, self.dtype,
+                           sparse_grad_locations=self.rpn_batch_size_per_image)
         self.roi_heads = RoIHeads(
             self.num_classes, self.representation_size, tuple(self.box_convs), tuple(self.mask_layers),
             self.mask_dim_reduced, self.head_norm, self.head_bn_eps, sampling_ratio=self.sampling_ratio,

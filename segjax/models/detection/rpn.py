@@ -19,14 +19,16 @@ the number of sampled anchors.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from segjax.models.detection.backbone import conv
+from segjax.models.detection.backbone import conv, conv2d
 from segjax.ops import boxes as box_ops
 from segjax.ops import matcher
 from segjax.ops.nms import batched_nms
@@ -35,13 +37,86 @@ BBOX_CLIP = math.log(1000.0 / 16)
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
+def _head_dense(f, w0, b0, wc, bc, wr, br):
+    """conv_0 3x3 + ReLU, then the 1x1 cls_logits / bbox_pred, on one (B, H, W, C) level."""
+    t = nn.relu(conv2d(f, w0, 1, 1) + b0)
+    return conv2d(t, wc, 1, 0) + bc, conv2d(t, wr, 1, 0) + br
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def rpn_head_level(f: jax.Array, w0: jax.Array, b0: jax.Array, wc: jax.Array, bc: jax.Array,
+                   wr: jax.Array, br: jax.Array, max_locations: int) -> tuple[jax.Array, jax.Array]:
+    """The one-conv RPN head on one level: f (B, H, W, C) -> logits (B, H, W, A), deltas
+    (B, H, W, 4A); w0 (3, 3, C, C), wc (1, 1, C, A), wr (1, 1, C, 4A) and their biases.
+
+    The backward pass is exact and sparse when at most `max_locations` positions per
+    image receive a nonzero gradient, as in training, where the RPN loss reaches only
+    the sampled anchors (<= 256 per image, torchvision's compute_loss): it recomputes
+    the head at those positions from their 3x3 input patches and scatters the input
+    gradient back, instead of a dense backward over every position of every level
+    (positions with a zero gradient add exactly zero). Otherwise (`lax.cond`) it runs
+    the dense backward.
+    """
+    return _head_dense(f, w0, b0, wc, bc, wr, br)
+
+
+def _head_fwd(f, w0, b0, wc, bc, wr, br, max_locations):
+    return _head_dense(f, w0, b0, wc, bc, wr, br), (f, w0, b0, wc, bc, wr, br)
+
+
+def _head_sparse_bwd(k, res, g_cls, g_reg, nz):
+    f, w0, b0, wc, bc, wr, br = res
+    b, h, w, c = f.shape
+    _, idx = jax.lax.top_k(nz.astype(jnp.float32), k)  # (B, K) positions, the nonzero ones first
+    ky, kx = np.divmod(np.arange(9), 3)
+    taps = (idx // w)[..., None] * (w + 2) + (idx % w)[..., None] + (ky * (w + 2) + kx)  # (B, K, 9) in the padded map
+    fp = jnp.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, -1, c)  # (B, (H+2)(W+2), C)
+    patches = jax.vmap(lambda x, t: x[t])(fp, taps.reshape(b, -1)).reshape(b, k, 9 * c)  # (kh, kw, c) order
+    w0m = w0.reshape(9 * c, -1)
+    pre = patches @ w0m + b0  # (B, K, C) conv_0 pre-activation at the K positions
+    t = nn.relu(pre)
+    gl = jnp.take_along_axis(g_cls.reshape(b, h * w, -1), idx[..., None], axis=1)  # (B, K, A)
+    gd = jnp.take_along_axis(g_reg.reshape(b, h * w, -1), idx[..., None], axis=1)  # (B, K, 4A)
+    dwc = jnp.einsum("bkc,bka->ca", t, gl).reshape(wc.shape)
+    dwr = jnp.einsum("bkc,bka->ca", t, gd).reshape(wr.shape)
+    dt = gl @ wc.reshape(c, -1).T + gd @ wr.reshape(c, -1).T
+    dpre = jnp.where(pre > 0, dt, 0.0)
+    dw0 = jnp.einsum("bkp,bko->po", patches, dpre).reshape(w0.shape)
+    dpatch = (dpre @ w0m.T).reshape(b, k * 9, c)
+    dfp = jax.vmap(lambda t, d: jnp.zeros(fp.shape[1:], d.dtype).at[t].add(d))(taps.reshape(b, -1), dpatch)
+    df = dfp.reshape(b, h + 2, w + 2, c)[:, 1:-1, 1:-1]
+    return (df.astype(f.dtype), dw0, dpre.sum((0, 1)), dwc, gl.sum((0, 1)), dwr, gd.sum((0, 1)))
+
+
+def _head_bwd(max_locations, res, gs):
+    g_cls, g_reg = gs
+    b, h, w, _ = res[0].shape
+
+    def dense(res, g_cls, g_reg, nz):
+        return jax.vjp(_head_dense, *res)[1]((g_cls, g_reg))
+
+    k = min(max_locations, h * w)
+    if k == 0 or 2 * k > h * w:  # few positions: the dense backward is as cheap
+        return dense(res, g_cls, g_reg, None)
+    nz = ((g_cls != 0).any(-1) | (g_reg != 0).any(-1)).reshape(b, h * w)
+    return jax.lax.cond(nz.sum(1).max() <= k, functools.partial(_head_sparse_bwd, k), dense, res, g_cls, g_reg, nz)
+
+
+rpn_head_level.defvjp(_head_fwd, _head_bwd)
+
+
 class RPNHead(nn.Module):
     """Shared over levels: `conv_depth` x (3x3 conv + ReLU), then 1x1 `cls_logits` (A) and
-    `bbox_pred` (4A). torch init: normal(std=0.01), zero bias."""
+    `bbox_pred` (4A). torch init: normal(std=0.01), zero bias.
+
+    sparse_grad_locations: with one conv, the bound K of `rpn_head_level`'s sparse
+    backward (positions per image with a nonzero gradient; 0: always dense).
+    """
 
     num_anchors: int = 3
     conv_depth: int = 1
     dtype: jnp.dtype = jnp.float32
+    sparse_grad_locations: int = 0
 
     @nn.compact
     def __call__(self, feats: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
@@ -52,15 +127,23 @@ class RPNHead(nn.Module):
                  for i in range(self.conv_depth)]
         cls = conv(self.num_anchors, 1, bias=True, name="cls_logits", dtype=self.dtype, kernel_init=init)
         reg = conv(4 * self.num_anchors, 1, bias=True, name="bbox_pred", dtype=self.dtype, kernel_init=init)
+        fused = self.conv_depth == 1 and not self.is_initializing()
+        if fused:
+            p = self.variables["params"]
+            ws = [p[n][k].astype(self.dtype) for n in ("conv_0", "cls_logits", "bbox_pred") for k in ("kernel", "bias")]
         logits, deltas = [], []
         for f in feats:
-            t = f
-            for cv in convs:
-                t = nn.relu(cv(t))
             b = f.shape[0]
+            if fused:
+                lg, dl = rpn_head_level(f.astype(self.dtype), *ws, self.sparse_grad_locations)
+            else:
+                t = f
+                for cv in convs:
+                    t = nn.relu(cv(t))
+                lg, dl = cls(t), reg(t)
             # torch permute_and_flatten: (B, A*C, H, W) -> (B, H*W*A, C); NHWC already is (H, W, A)
-            logits.append(cls(t).astype(jnp.float32).reshape(b, -1))
-            deltas.append(reg(t).astype(jnp.float32).reshape(b, -1, 4))
+            logits.append(lg.astype(jnp.float32).reshape(b, -1))
+            deltas.append(dl.astype(jnp.float32).reshape(b, -1, 4))
         return logits, deltas
 
 
