@@ -70,3 +70,26 @@ def test_token_to_image_fold_single_prompt_matches_plain_attention():
                  np.ones((1, 1, nl), bool), n)
     assert out.shape == (1, 1, t, c)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_decoder_with_folded_attentions_batched_equals_single_prompts():
+    """A decoder whose cross-attentions all take the folded forms (C = 64, 2 heads: N T =
+    14 < I = 32 < L = 64): three prompts at once (one with a padded token) equal each
+    prompt alone."""
+    from segjax.models.sam.sam import Sam
+
+    m = Sam(img_size=128, pretrain_img_size=128, encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+            encoder_global_attn_indexes=(0,), window_size=4, prompt_embed_dim=64, decoder_num_heads=2,
+            decoder_mlp_dim=64, iou_head_hidden_dim=32)
+    emb = jax.random.normal(jax.random.key(0), (1, 8, 8, 64))
+    coords = jax.random.uniform(jax.random.key(1), (1, 3, 2, 2)) * 128
+    labels = jnp.asarray([[[1, -1], [1, 0], [0, -10]]], jnp.int32)
+    params = jax.jit(lambda: m.init(jax.random.key(0), emb, coords, labels, method="predict_masks"))()
+    params = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(5), x.shape), params)
+    run = jax.jit(lambda c, lab: m.apply(params, emb, c, lab, method="predict_masks"))
+    out = run(coords, labels)
+    for i in range(3):
+        one = run(coords[:, i:i + 1], labels[:, i:i + 1])
+        ref = np.asarray(one["low_res_logits"][0, 0])
+        np.testing.assert_allclose(out["low_res_logits"][0, i], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(out["iou_predictions"][0, i], one["iou_predictions"][0, 0], atol=1e-5)
