@@ -14,15 +14,21 @@ Each framework runs in its own subprocess (peak RSS attributable), one after the
 Usage:
   python benchmarks/mask_rcnn.py [--iters 3] [--skip-torch] [--skip-train]
 
-Measured 2026-11-26 11:00 UTC on the shared 2-core CPU (other jobs running, 1-min load
-0.2-4.8 during segjax, 4.8-3.9 during torch), --iters 3, 800x800:
+Measured 2026-11-26 14:00 UTC on the shared 2-core CPU (1-min load 1.4-1.6 during
+segjax, 1.6-1.7 during torch), --iters 2, 800x800:
               infer s   train s   compile s (infer/train)   peak MB
-  segjax        4.76     64.0           13.3 / 101.3          8647
-  torchvision  11.84     33.3                 -               2800
-  ratio: inference 2.49x faster, train step 0.52x (slower). The segjax train step runs
-  the mask head on 128 RoI slots per image whatever the number of positives (static
-  shapes; torchvision: only the actual positives, few with 6 instances per image);
-  `mask_rois_per_image` caps that (not measured here).
+  segjax        2.68     10.61          11.3 / 42.9           7354
+  torchvision   3.18     12.56                -               2987
+  ratio: inference 1.19x faster, train step 1.18x faster (first-step loss 422.4 vs
+  423.8: the samplers draw different RoIs). The train-time mask head runs on the
+  smallest RoI bucket (8, 16, ..., 128 per image) that holds every image's positives
+  (6 here: the gt boxes), exact; the RPN head's backward is sparse on the sampled
+  anchors (exact). Earlier (11:00, default exact config, state carried across steps):
+  segjax 64.0 s vs torchvision 33.3 s.
+  NOTE: every timed train step starts from the initial weights and optimizer state
+  (restored untimed): with lr 0.02 these random weights (class scores spread 40x for
+  inference) diverge (segjax's loss is NaN from the second step on), so carrying the
+  state over timed diverged networks (13:50 that way: segjax 14.1 s, torchvision 11.4 s).
 
 Numbers: median wall time of `--iters` timed runs after one warm-up; segjax compile
 time (first call, incl. tracing) separately; peak MB = ru_maxrss of the worker (CPU
@@ -34,6 +40,7 @@ the CPUs: the workers run one after the other, so compare under similar load).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -94,14 +101,17 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time(fn, iters):
-    fn()  # warm-up
+def _time(fn, iters, reset=None):
+    """(median, min) wall time of `fn` over `iters` runs after one warm-up; `reset` (untimed)
+    runs before each call."""
     ts = []
-    for _ in range(iters):
+    for _ in range(iters + 1):
+        if reset is not None:
+            reset()
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts), min(ts)
+    return statistics.median(ts[1:]), min(ts[1:])
 
 
 def worker_torch(args) -> dict:
@@ -123,12 +133,20 @@ def worker_torch(args) -> dict:
         tg = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(lab), "masks": torch.from_numpy(m)}
               for b, lab, m in zip(boxes, labels, masks)]
 
+        sd0 = {k: v.clone() for k, v in model.state_dict().items()}
+        opt_sd0 = copy.deepcopy(opt.state_dict())
+
+        def reset():  # every timed step starts from the initial weights (see the module doc)
+            model.load_state_dict(sd0)
+            opt.load_state_dict(opt_sd0)
+
         def step():
             opt.zero_grad()
             loss = sum(model(imgs, tg).values())
             loss.backward()
             opt.step()
-        res["train_s"], res["train_min_s"] = _time(step, args.iters)
+            res["train_loss"] = float(loss)
+        res["train_s"], res["train_min_s"] = _time(step, args.iters, reset)
     res["peak_mb"] = _peak_mb()
     return res
 
@@ -176,7 +194,7 @@ def worker_segjax(args) -> dict:
         tx = optax.multi_transform({"train": optax.chain(optax.add_decayed_weights(1e-4),
                                                          optax.sgd(0.02, momentum=0.9)),
                                     "frozen": optax.set_to_zero()}, labels_tree)
-        state = (jax.device_put(params), tx.init(params))
+        state = jax.block_until_ready((jax.device_put(params), tx.init(params)))
 
         @functools.partial(jax.jit, donate_argnums=(0,))
         def step(state, batch, rng):
@@ -187,13 +205,17 @@ def worker_segjax(args) -> dict:
 
         holder = {"s": state}
 
+        def reset():  # every timed step starts from the initial weights (see the module doc)
+            holder["s"] = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, state))
+
         def run():
             holder["s"], loss = step(holder["s"], batch, jax.random.key(0))
-            jax.block_until_ready(loss)
+            res["train_loss"] = float(loss)
+        reset()
         t = time.perf_counter()
         run()
         res["train_compile_s"] = time.perf_counter() - t
-        res["train_s"], res["train_min_s"] = _time(run, args.iters)
+        res["train_s"], res["train_min_s"] = _time(run, args.iters, reset)
     res["peak_mb"] = _peak_mb()
     return res
 
