@@ -19,7 +19,8 @@ segjax, 1.6-1.7 during torch), --iters 2, 800x800:
               infer s   train s   compile s (infer/train)   peak MB
   segjax        2.68     10.61          11.3 / 42.9           7354
   torchvision   3.18     12.56                -               2987
-  ratio: inference 1.19x faster, train step 1.18x faster (first-step loss 422.4 vs
+  ratio: inference 1.19x faster, train step 1.18x faster; a second run (14:03, load
+  1.4-1.8): infer 2.76 / 3.52 s, train 9.95 / 13.09 s (1.32x). (First-step loss 422.4 vs
   423.8: the samplers draw different RoIs). The train-time mask head runs on the
   smallest RoI bucket (8, 16, ..., 128 per image) that holds every image's positives
   (6 here: the gt boxes), exact; the RPN head's backward is sparse on the sampled
