@@ -23,14 +23,14 @@ peak MB: the worker's peak resident set size (getrusage).
   python benchmarks/sam.py --model vit_b --reps-image 3 --reps-predict 20
   python benchmarks/sam.py --skip-torch --dtype bfloat16
 
-Measured (2-core AVX2 EPYC, idle, ViT-B, fp32, 800 x 1200, after the encoder and
-decoder speed-ups of 2026-11-26; `--reps-image 3 --reps-predict 5 --reps-amg 2`):
-  set_image   segjax 8.32 s      official 17.38 s      2.09x (official 11.1-17.4 s across runs)
-  predict 1   segjax 62.5 ms     official 88.1 ms      1.41x
-  predict 64  segjax 43.8 ms/prompt  official 111.1 ms/prompt  2.54x (decoder-bound)
-  amg (256 points, thresholds 0)  segjax 24.3 s  official 69.5 s  2.86x
-  peak RSS 3.8 GB each; compile 0.7-4.5 s per program.
-Earlier, on a loaded machine before those speed-ups: set_image 9.40 vs 11.13 s (1.18x).
+Measured (2-core AVX2 EPYC, idle, ViT-B, fp32, 800 x 1200, 2026-11-26 14:06, defaults):
+  set_image   segjax 6.88 s      official 12.08 s      1.76x (official 11.1-17.4 s across runs)
+  predict 1   segjax 40.5 ms     official 65.6 ms      1.62x
+  predict 64  segjax 20.6 ms/prompt  official 103.7 ms/prompt  5.04x (target: under 20 ms)
+  amg (256 points, thresholds 0)  segjax 15.6 s  official 64.1 s  4.10x
+  peak RSS segjax 3824 MB, official 3789 MB; compile 1.9-3.6 s per program.
+Before the folded token -> image attention and the 2-token prompt bucket (same day):
+predict 64 at 43.8 ms/prompt, predict 1 at 62.5 ms, amg 24.3 s.
 """
 
 from __future__ import annotations
