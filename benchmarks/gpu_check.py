@@ -370,17 +370,8 @@ def section_mrcnn(env, a, state):
 
 
 def section_mrcnn_train(env, a, state):
-    import functools
-
     import jax
-    import jax.numpy as jnp
-    import mask_rcnn as mrcnn_bench  # benchmarks/mask_rcnn.py: the targets
-    import numpy as np
-    import optax
-
-    from segjax.models.detection.backbone import frozen_patterns
-    from segjax.models.detection.mask_rcnn import mask_rcnn_loss, prepare_image
-    from segjax.optim import trainable_mask
+    import mask_rcnn as mrcnn_bench  # benchmarks/mask_rcnn.py: the targets and the segjax step
 
     torch = env.torch
     if "mrcnn" not in state:
@@ -391,27 +382,10 @@ def section_mrcnn_train(env, a, state):
     labels = [(lb - 1) % (model.num_classes - 1) + 1 for lb in labels]  # no-op for 91 classes
 
     # segjax first (the torch step changes tv's weights; params were converted before)
-    ims = [img, img[:, ::-1]]
-    prepped = [prepare_image(im, model.min_size, model.max_size, model.size_divisible) for im in ims]
-    batch = {"image": jnp.asarray(np.stack([p[0] for p in prepped])),
-             "image_hw": jnp.asarray([p[1] for p in prepped], jnp.int32),
-             "boxes": jnp.asarray(np.stack(boxes)), "labels": jnp.asarray(np.stack(labels), jnp.int32),
-             "masks": jnp.asarray(np.stack(masks)), "valid": jnp.ones((2, boxes[0].shape[0]), bool)}
     try:
-        mask = trainable_mask(params, frozen_patterns(model.trainable_layers))
-        lab = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", mask)
-        tx = optax.multi_transform({"train": optax.chain(optax.add_decayed_weights(1e-4),
-                                                         optax.sgd(a.mrcnn_lr, momentum=0.9)),
-                                    "frozen": optax.set_to_zero()}, lab)
-        p0 = jax.device_put(params)
-        st = {"s": (p0, tx.init(p0))}
-
-        @functools.partial(jax.jit, donate_argnums=(0,))
-        def step(s, batch, rng):
-            p, o = s
-            (loss, _), g = jax.value_and_grad(lambda q: mask_rcnn_loss(model, q, batch, rng), has_aux=True)(p)
-            upd, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, upd), o), loss
+        batch, s0, step = mrcnn_bench.segjax_train_step(model, params, [img, img[:, ::-1]], boxes, labels, masks,
+                                                        a.mrcnn_lr)
+        st = {"s": s0}
 
         t = time.perf_counter()
         c = step.lower(st["s"], batch, jax.random.key(0)).compile()

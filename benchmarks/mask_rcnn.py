@@ -152,6 +152,45 @@ def worker_torch(args) -> dict:
     return res
 
 
+def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
+    """The segjax side of a Mask R-CNN train step as torchvision's reference trains:
+    SGD (momentum 0.9, weight decay 1e-4), torchvision's frozen parameters frozen.
+
+    images: list of uint8 HWC arrays; boxes / labels / masks: per-image lists (`_targets`).
+    Returns (batch, state (params, opt_state), step): step(state, batch, rng) ->
+    (state, loss), jitted, donating state.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from segjax.models.detection.backbone import frozen_patterns
+    from segjax.models.detection.mask_rcnn import mask_rcnn_loss, prepare_image
+    from segjax.optim import trainable_mask
+
+    prepped = [prepare_image(im, model.min_size, model.max_size, model.size_divisible) for im in images]
+    batch = {"image": jnp.asarray(np.stack([p[0] for p in prepped])),
+             "image_hw": jnp.asarray([p[1] for p in prepped], jnp.int32),
+             "boxes": jnp.asarray(np.stack(boxes)), "labels": jnp.asarray(np.stack(labels), jnp.int32),
+             "masks": jnp.asarray(np.stack(masks)), "valid": jnp.ones((len(images), boxes[0].shape[0]), bool)}
+    mask = trainable_mask(params, frozen_patterns(model.trainable_layers))
+    labels_tree = jax.tree_util.tree_map(lambda m: "train" if m else "frozen", mask)
+    tx = optax.multi_transform({"train": optax.chain(optax.add_decayed_weights(1e-4),
+                                                     optax.sgd(lr, momentum=0.9)),
+                                "frozen": optax.set_to_zero()}, labels_tree)
+    p0 = jax.device_put(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state, batch, rng):
+        p, o = state
+        (loss, _), g = jax.value_and_grad(lambda q: mask_rcnn_loss(model, q, batch, rng), has_aux=True)(p)
+        upd, o = tx.update(g, o, p)
+        return (optax.apply_updates(p, upd), o), loss
+
+    return batch, (p0, tx.init(p0)), step
+
+
 def worker_segjax(args) -> dict:
     sys.path.insert(0, _REPO)
     from segjax.xla_flags import setup_cpu
@@ -159,15 +198,10 @@ def worker_segjax(args) -> dict:
     setup_cpu()  # XLA:CPU preset + host-memory reuse, before the backend starts
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    import optax
 
     from segjax import models
     from segjax.convert import maskrcnn as conv
     from segjax.inference import MaskRCNNPredictor
-    from segjax.models.detection.backbone import frozen_patterns
-    from segjax.models.detection.mask_rcnn import mask_rcnn_loss, prepare_image
-    from segjax.optim import trainable_mask
 
     tv = _torch_model()
     params, meta, _ = conv.from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()},
@@ -184,25 +218,8 @@ def worker_segjax(args) -> dict:
     res["num_detections"] = len(pred(img)["boxes"])
     if not args.skip_train:
         boxes, labels, masks = _targets(2)
-        ims = [img, img[:, ::-1]]
-        prepped = [prepare_image(im, pred.min_size, pred.max_size, 32) for im in ims]
-        batch = {"image": jnp.asarray(np.stack([p[0] for p in prepped])),
-                 "image_hw": jnp.asarray([p[1] for p in prepped], jnp.int32),
-                 "boxes": jnp.asarray(np.stack(boxes)), "labels": jnp.asarray(np.stack(labels), jnp.int32),
-                 "masks": jnp.asarray(np.stack(masks)), "valid": jnp.ones((2, 6), bool)}
-        mask = trainable_mask(params, frozen_patterns(model.trainable_layers))
-        labels_tree = jax.tree_util.tree_map(lambda m: "train" if m else "frozen", mask)
-        tx = optax.multi_transform({"train": optax.chain(optax.add_decayed_weights(1e-4),
-                                                         optax.sgd(0.02, momentum=0.9)),
-                                    "frozen": optax.set_to_zero()}, labels_tree)
-        state = jax.block_until_ready((jax.device_put(params), tx.init(params)))
-
-        @functools.partial(jax.jit, donate_argnums=(0,))
-        def step(state, batch, rng):
-            p, o = state
-            (loss, _), g = jax.value_and_grad(lambda q: mask_rcnn_loss(model, q, batch, rng), has_aux=True)(p)
-            upd, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, upd), o), loss
+        batch, state, step = segjax_train_step(model, params, [img, img[:, ::-1]], boxes, labels, masks, 0.02)
+        state = jax.block_until_ready(state)
 
         holder = {"s": state}
 
