@@ -112,18 +112,24 @@ class MaskDecoder(nn.Module):
             src = image_embeddings[:, None] + dense  # (B, P, h, w, C)
         src = src.astype(jnp.float32).reshape(b, src.shape[1], h * w, c)
         pos = image_pe.astype(jnp.float32).reshape(1, 1, h * w, c)
+        # only the masks asked for: 1..3 with multimask_output, else 0 (every hypernetwork
+        # at init, so that its parameters exist); the final attention runs for the IoU
+        # token and those mask tokens only
+        sel = tuple(range(1, n_masks)) if multimask_output else (0,)
+        run = tuple(range(n_masks)) if self.is_initializing() else sel
         hs, src = TwoWayTransformer(self.depth, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
-                                    self.ln_eps, dt, name="transformer")(src, pos, tokens, mask)
+                                    self.ln_eps, dt, name="transformer")(
+            src, pos, tokens, mask, outputs=(0,) + tuple(1 + i for i in run))
         src = jnp.broadcast_to(src, (b, p, h * w, c))  # per prompt from layer 0's image -> token step on
         iou_token_out = hs[:, :, 0]  # (B, P, C)
-        mask_tokens_out = hs[:, :, 1:1 + n_masks]  # (B, P, M, C)
 
         # upscaling in the blocked layout (B*P, h, w, a, b, a', b', C/8): output pixel
         # (4i + 2a + a', 4j + 2b + b'); only the masks asked for are multiplied out
-        sl = slice(1, None) if multimask_output else slice(0, 1)
         hyper_in = jnp.stack(
-            [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, :, i])
-             for i in range(n_masks)], axis=2).reshape(b * p, n_masks, c // 8)[:, sl]  # (B*P, M', C/8)
+            [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(hs[:, :, 1 + j])
+             for j, i in enumerate(run)], axis=2)
+        hyper_in = hyper_in[:, :, jnp.asarray([run.index(i) for i in sel])] if run != sel else hyper_in
+        hyper_in = hyper_in.reshape(b * p, len(sel), c // 8)  # (B*P, M', C/8)
         up0 = PatchConvTranspose(c // 4, 2, dt, blocked=True, name="output_upscaling_0")
         ln = layer_norm_2d("output_upscaling_1")
         up3 = PatchConvTranspose(c // 8, 2, dt, blocked=True, name="output_upscaling_3")
@@ -135,4 +141,4 @@ class MaskDecoder(nn.Module):
         iou_pred = MLP(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, dt,
                        name="iou_prediction_head")(iou_token_out).astype(jnp.float32)
         masks = masks.reshape(b, p, masks.shape[1], 4 * h, 4 * w)
-        return masks, iou_pred[:, :, sl]
+        return masks, iou_pred[:, :, 1:] if multimask_output else iou_pred[:, :, :1]

@@ -225,13 +225,22 @@ class TwoWayTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image_embedding, image_pe, point_embedding, token_mask):
+    def __call__(self, image_embedding, image_pe, point_embedding, token_mask,
+                 outputs: tuple[int, ...] | None = None):
+        """`outputs`: the tokens whose final outputs are wanted (all if None); the
+        returned queries are (B, P, len(outputs), C). The final attention runs only for
+        them: its queries do not interact (cross-attention), so the others' outputs are
+        not needed (the mask decoder reads the IoU token and the mask tokens it returns,
+        never the prompt tokens)."""
         queries, keys = point_embedding, image_embedding
         for i in range(self.depth):
             queries, keys = TwoWayAttentionBlock(
                 self.num_heads, self.mlp_dim, self.attention_downsample_rate,
                 skip_first_layer_pe=(i == 0), ln_eps=self.ln_eps, dtype=self.dtype,
                 name=f"layers_{i}")(queries, keys, point_embedding, image_pe, token_mask)
+        if outputs is not None:
+            idx = jnp.asarray(outputs)
+            queries, point_embedding = queries[:, :, idx], point_embedding[:, :, idx]
         q, k = queries + point_embedding, keys + image_pe
         queries = queries + Attention(self.num_heads, self.attention_downsample_rate, self.dtype,
                                       name="final_attn_token_to_image")(q, k, keys)
