@@ -27,7 +27,7 @@ import numpy as np
 from segjax.inference import amg_crops, rle
 from segjax.inference.box_nms import batched_nms
 from segjax.inference.mask_regions import remove_small_regions
-from segjax.inference.sam_postprocess import mask_boxes, stability_score, upscale_masks
+from segjax.inference.sam_postprocess import mask_boxes, stability_score, upscale_masks_h, upscale_masks_w
 from segjax.inference.sam_predictor import MASK_THRESHOLD, SamImage, SamInputError, SamPredictor
 from segjax.inference.sam_transforms import check_image, scale_coords
 
@@ -87,13 +87,19 @@ class SamAutomaticMaskGenerator:
         # NOTE: two programs on purpose. Fused into one, XLA:CPU (jax 0.10) turns the
         # upscaling gathers plus several consumers (threshold, counts, boxes) into a
         # fusion ~20x slower than materialising the logits in between.
-        self._upscale = jax.jit(self._upscale_impl, static_argnames=("input_size", "crop_size"))
+        # The upscaling's two passes are two programs as well (`upscale_masks`).
+        self._upscale_w = jax.jit(upscale_masks_w, static_argnums=(1, 2, 3))
+        self._upscale_h = jax.jit(self._upscale_h_impl, static_argnames=("input_size", "crop_size", "low_hw"))
         self._score = jax.jit(self._score_impl)
 
     # ------------------------------------------------------------------ device part
-    def _upscale_impl(self, low_res, input_size, crop_size):
+    def _upscale(self, low_res, input_size, crop_size):
         """(P, M, lh, lw) low-res logits -> (P*M, h, w) logits at the crop size."""
-        logits = upscale_masks(low_res, self.predictor.img_size, input_size, crop_size)
+        x = self._upscale_w(low_res, self.predictor.img_size, input_size, crop_size)
+        return self._upscale_h(x, input_size=input_size, crop_size=crop_size, low_hw=tuple(low_res.shape[-2:]))
+
+    def _upscale_h_impl(self, x, input_size, crop_size, low_hw):
+        logits = upscale_masks_h(x, self.predictor.img_size, input_size, crop_size, low_hw)
         return logits.reshape(-1, *logits.shape[-2:])
 
     def _score_impl(self, logits):

@@ -90,7 +90,10 @@ class SamPredictor:
         self.prompt_buckets = tuple(b for b in PROMPT_BUCKETS if b < self.max_prompts) + (self.max_prompts,)
         self._embed = jax.jit(self._embed_impl)
         self._decode = jax.jit(self._decode_impl, static_argnames=("multimask_output",))
-        self._upscale = jax.jit(self._upscale_impl, static_argnames=("input_size", "original_size", "logits"))
+        # the two upscaling passes as two programs (see `sam_postprocess.upscale_masks`)
+        self._upscale_w = jax.jit(sam_postprocess.upscale_masks_w, static_argnums=(1, 2, 3))
+        self._upscale_h = jax.jit(self._upscale_h_impl, static_argnames=("input_size", "original_size", "low_hw",
+                                                                        "logits"))
         self.images: list[SamImage] = []
         self.reset_image()
 
@@ -123,8 +126,8 @@ class SamPredictor:
             multimask_output=multimask_output, method="predict_masks")
         return out["low_res_logits"][0], out["iou_predictions"][0]  # (P, M, lh, lw), (P, M)
 
-    def _upscale_impl(self, low_res, input_size, original_size, logits):
-        masks = sam_postprocess.upscale_masks(low_res, self.img_size, input_size, original_size)
+    def _upscale_h_impl(self, x, input_size, original_size, low_hw, logits):
+        masks = sam_postprocess.upscale_masks_h(x, self.img_size, input_size, original_size, low_hw)
         return masks if logits else masks > MASK_THRESHOLD
 
     # ------------------------------------------------------------------ images
@@ -293,8 +296,9 @@ class SamPredictor:
     def upscale(self, low_res: jax.Array, return_logits: bool = False, image: SamImage | None = None) -> jax.Array:
         """(..., lh, lw) logits -> (..., H, W) device masks (bool, or float32 logits)."""
         image = image or self.image
-        return self._upscale(low_res, input_size=tuple(image.input_size),
-                             original_size=tuple(image.original_size), logits=bool(return_logits))
+        sizes = dict(input_size=tuple(image.input_size), original_size=tuple(image.original_size))
+        x = self._upscale_w(low_res, self.img_size, sizes["input_size"], sizes["original_size"])
+        return self._upscale_h(x, **sizes, low_hw=tuple(low_res.shape[-2:]), logits=bool(return_logits))
 
     def _features(self, image: SamImage | None) -> jax.Array:
         if image is not None:
