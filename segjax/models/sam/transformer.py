@@ -93,8 +93,11 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
-                 key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None,
+                 k_pe: jax.Array | None = None) -> jax.Array:
+        """`k_pe` (B, 1, Tk, C) or None: the keys are k + k_pe. Passed apart, folded
+        token -> image attention multiplies the shared positional encoding once for all
+        prompts instead of materialising k + k_pe per prompt."""
         c = q.shape[-1]
         internal = c // self.downsample_rate
         n, dt = self.num_heads, self.dtype
@@ -108,6 +111,9 @@ class Attention(nn.Module):
         tq, tk = q.shape[2], k.shape[2]
         pq, pk = _prompt_spec(q), _prompt_spec(k)
         po = "p" if (pq or pk) else ""
+        folded_t2i = n * tq < internal < tk and (pk or not pq)
+        if k_pe is not None and not (folded_t2i and k_pe.shape[1] == 1 and pq == po):
+            k, k_pe = k + k_pe.astype(dt), None
         scale = math.sqrt(hd)  # the reference divides after the matmul
 
         def heads(x, w, bias):  # (B, P, T, C) -> (B, P?, T, N, K), P? squeezed when shared
@@ -134,12 +140,16 @@ class Attention(nn.Module):
             probs = probs.reshape(*probs.shape[:-2], tk * n)
             vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}tnc", vh, wo.reshape(n, hd, c)).reshape(*a.shape[:-2], tk * n, c)
             out = jnp.einsum(f"b{po}lm,b{pk}mc->b{po}lc", probs, vo) + bo
-        elif n * tq < internal < tk and (pk or not pq):  # token -> image tokens not shared by prompts
+        elif folded_t2i:  # token -> image tokens not shared by prompts
             qh = heads(q, wq, bq)  # (B, P?, Tq, N, K)
             a = jnp.einsum(f"b{pq}tnk,cnk->b{pq}cnt", qh, wk.reshape(c, n, hd))
             a = a.reshape(*a.shape[:-2], n * tq)  # (B, P?, C, N Tq)
             # q . bk is the same for every key: softmax drops it, so it is not added
             logits = jnp.einsum(f"b{pk}lc,b{pq}cm->b{po}lm", _squeeze_shared(k), a)  # (B, P?, L, N Tq)
+            if k_pe is not None:  # (k + pe) a = k a + pe a, the latter one product for all prompts
+                kp = k_pe[:, 0].astype(dt)
+                kb = "" if kp.shape[0] == 1 else "b"
+                logits = logits + jnp.einsum(f"{kb}lc,b{pq}cm->b{pq}lm", kp[0] if not kb else kp, a)
             logits = logits.astype(jnp.float32) / scale
             probs = jax.nn.softmax(logits, axis=-2).astype(dt)  # over the keys L
             ctx = jnp.einsum(f"b{po}lm,b{pk}lc->b{po}mc", probs, _squeeze_shared(v))  # (B, P?, N Tq, C)
@@ -241,7 +251,7 @@ class TwoWayTransformer(nn.Module):
         if outputs is not None:
             idx = jnp.asarray(outputs)
             queries, point_embedding = queries[:, :, idx], point_embedding[:, :, idx]
-        q, k = queries + point_embedding, keys + image_pe
         queries = queries + Attention(self.num_heads, self.attention_downsample_rate, self.dtype,
-                                      name="final_attn_token_to_image")(q, k, keys)
+                                      name="final_attn_token_to_image")(queries + point_embedding, keys, keys,
+                                                                        k_pe=image_pe)
         return decoder_layer_norm("norm_final_attn", 1e-5)(queries), keys
