@@ -1,4 +1,4 @@
-"""SAM decoder Attention: the folded image -> token form equals plain attention."""
+"""SAM decoder Attention: the folded / shared-query / split-encoding forms equal plain attention."""
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,38 @@ def test_image_to_token_fold_matches_plain_attention():
                  k.astype(np.float64), mask, n)
     assert out.shape == (1, p, nl, c)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())  # fp32 vs fp64
+
+
+def test_image_to_token_fold_per_prompt_queries_matches_plain_attention():
+    n, c, p, nl, t = 2, 64, 3, 100, 5  # image tokens per prompt (layer 1): the folded projections
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, p, nl, c)).astype(np.float32)
+    k = rng.standard_normal((1, p, t, c)).astype(np.float32)
+    mask = np.ones((1, p, t), bool)
+    mask[0, 2, 4:] = False
+    mod = Attention(n, 2)
+    params = mod.init(jax.random.key(0), q, k, k, mask)["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(4), x.shape), params)
+    out = mod.apply({"params": params}, q, k, k, jnp.asarray(mask))
+    ref = _plain(params, q.astype(np.float64), k.astype(np.float64), k.astype(np.float64), mask, n)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_token_to_image_separate_positional_encoding():
+    """k_pe passed apart (the final attention: the encoding's product shared by the
+    prompts) equals attention over k + k_pe."""
+    n, c, p, nl, t = 2, 64, 3, 100, 5
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, p, t, c)).astype(np.float32)
+    k = rng.standard_normal((1, p, nl, c)).astype(np.float32)
+    pe = rng.standard_normal((1, 1, nl, c)).astype(np.float32)
+    mod = Attention(n, 2)
+    params = mod.init(jax.random.key(0), q, k, k)["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(6), x.shape), params)
+    out = mod.apply({"params": params}, q, k, k, k_pe=pe)
+    ref = _plain(params, q.astype(np.float64), (k + pe).astype(np.float64), k.astype(np.float64),
+                 np.ones((1, p, nl), bool), n)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_token_to_image_fold_matches_plain_attention():

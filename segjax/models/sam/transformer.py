@@ -76,7 +76,10 @@ class Attention(nn.Module):
     N Tk = 56 < I = 128 in SAM's decoder) folds the projections of the image side into
     the token side (same function, other rounding): logits_n = q (Wq_n k_n^T) + bq_n k_n^T
     and out = sum_n probs_n (v_n Wo_n) + bo, never projecting the L image queries, which
-    takes its per-prompt work from ~2 L C I to ~2 L C N Tk multiply-adds.
+    takes its per-prompt work from ~2 L C I to ~2 L C N Tk multiply-adds. When the image
+    queries are shared by the prompts (layer 0) they are projected once per image
+    instead, and the logits cost L N Tk K per prompt (16x less than the fold's L C N Tk);
+    the output keeps the folded v_n Wo_n.
 
     Token -> image attention with per-prompt image tokens (layer 1 and the final
     attention: the image side has been updated per prompt) folds the same way:
@@ -127,18 +130,27 @@ class Attention(nn.Module):
             # columns ordered (token, head): the softmax over the Tk tokens then runs on
             # vectors of N heads instead of reducing a minor axis of length Tk
             kh, vh = heads(k, wk, bk), heads(v, wv, bv)  # (B, P?, Tk, N, K)
-            a = jnp.einsum(f"cnk,b{pk}tnk->b{pk}ctn", wq.reshape(c, n, hd), kh)
-            a = a.reshape(*a.shape[:-2], tk * n)  # (B, P?, C, Tk N)
-            qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}tn", bq.reshape(n, hd), kh)  # (B, P?, Tk, N)
-            if key_mask is not None:  # masked keys: -inf in the bias row (no pass over the logits)
-                km = key_mask if pk else key_mask[:, 0]
-                qb = qb + jnp.where(km[..., :, None], 0.0, -jnp.inf).astype(qb.dtype)
-            qb = qb.reshape(*a.shape[:-2], 1, tk * n)
-            logits = jnp.einsum(f"b{pq}lc,b{pk}cm->b{po}lm", _squeeze_shared(q), a) + qb
-            logits = logits.reshape(*logits.shape[:-1], tk, n).astype(jnp.float32) / scale
+            km = None if key_mask is None else (key_mask if pk else key_mask[:, 0])
+            if pk and not pq:
+                # image queries shared by the prompts (layer 0): projected once per image
+                # (L C I multiply-adds), then L N Tk K per prompt, 16x less than the fold
+                logits = jnp.einsum("blnk,bptnk->bpltn", heads(q, wq, bq), kh)  # (B, P, L, Tk, N)
+                if km is not None:
+                    logits = logits + jnp.where(km[:, :, None, :, None], 0.0, -jnp.inf).astype(logits.dtype)
+            else:
+                a = jnp.einsum(f"cnk,b{pk}tnk->b{pk}ctn", wq.reshape(c, n, hd), kh)
+                a = a.reshape(*a.shape[:-2], tk * n)  # (B, P?, C, Tk N)
+                qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}tn", bq.reshape(n, hd), kh)  # (B, P?, Tk, N)
+                if km is not None:  # masked keys: -inf in the bias row (no pass over the logits)
+                    qb = qb + jnp.where(km[..., :, None], 0.0, -jnp.inf).astype(qb.dtype)
+                qb = qb.reshape(*a.shape[:-2], 1, tk * n)
+                logits = jnp.einsum(f"b{pq}lc,b{pk}cm->b{po}lm", _squeeze_shared(q), a) + qb
+                logits = logits.reshape(*logits.shape[:-1], tk, n)
+            logits = logits.astype(jnp.float32) / scale
             probs = jax.nn.softmax(logits, axis=-2).astype(dt)  # (B, P?, L, Tk, N)
             probs = probs.reshape(*probs.shape[:-2], tk * n)
-            vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}tnc", vh, wo.reshape(n, hd, c)).reshape(*a.shape[:-2], tk * n, c)
+            vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}tnc", vh, wo.reshape(n, hd, c))
+            vo = vo.reshape(*vo.shape[:-3], tk * n, c)  # (B, P?, Tk N, C)
             out = jnp.einsum(f"b{po}lm,b{pk}mc->b{po}lc", probs, vo) + bo
         elif folded_t2i:  # token -> image tokens not shared by prompts
             qh = heads(q, wq, bq)  # (B, P?, Tq, N, K)
