@@ -110,7 +110,7 @@ def _worker_torch(args) -> dict:
     out["predict_1"] = dict(first=first, times=t)
     tp = torch.as_tensor(pred.transform.apply_coords(pts, pred.original_size), dtype=torch.float)[:, None]
     tl = torch.ones(64, 1, dtype=torch.int)
-    first, t = _timed(lambda: pred.predict_torch(tp, tl, multimask_output=False), max(1, args.reps_predict // 5))
+    first, t = _timed(lambda: pred.predict_torch(tp, tl, multimask_output=False), max(1, args.reps_predict // 2))
     out["predict_64"] = dict(first=first, times=t)
     amg = SamAutomaticMaskGenerator(sam, points_per_side=args.amg_points, pred_iou_thresh=0.0,
                                     stability_score_thresh=0.0)
@@ -147,7 +147,7 @@ def _worker_segjax(args) -> dict:
     first, t = _timed(lambda: pred.predict(pts[:1], np.ones(1), multimask_output=True), args.reps_predict)
     out["predict_1"] = dict(first=first, times=t)
     first, t = _timed(lambda: pred.predict_batch(pts[:, None], np.ones((64, 1)), multimask_output=False),
-                      max(1, args.reps_predict // 5))
+                      max(1, args.reps_predict // 2))
     out["predict_64"] = dict(first=first, times=t)
     amg = SamAutomaticMaskGenerator(pred, points_per_side=args.amg_points, pred_iou_thresh=0.0,
                                     stability_score_thresh=0.0)

@@ -122,10 +122,6 @@ class Attention(nn.Module):
         def heads(x, w, bias):  # (B, P, T, C) -> (B, P?, T, N, K), P? squeezed when shared
             return _squeeze_shared((x @ w + bias).reshape(*x.shape[:-1], n, hd))
 
-        def softmax(logits):  # fp32 softmax over the last (key) axis
-            logits = logits.astype(jnp.float32) / scale
-            return jax.nn.softmax(_mask_logits(logits, key_mask, pk), axis=-1).astype(dt)
-
         if n * tk < internal and tq > internal:  # image -> token
             # columns ordered (token, head): the softmax over the Tk tokens then runs on
             # vectors of N heads instead of reducing a minor axis of length Tk
@@ -170,12 +166,18 @@ class Attention(nn.Module):
             o = jnp.einsum(f"b{po}ntc,cnk->b{po}tnk", ctx, wv.reshape(c, n, hd)) + bv.reshape(n, hd)
             out = o.reshape(*o.shape[:-2], internal) @ wo + bo
         else:
-            qh, kh, vh = heads(q, wq, bq), heads(k, wk, bk), heads(v, wv, bv)
+            qh = heads(q, wq, bq)
+            kh, vh = (jnp.moveaxis(heads(x, w, bias), -2, -3) for x, w, bias in ((k, wk, bk), (v, wv, bv)))
             # heads ahead of the prompts: per head one (P Tq, K) @ (K, Tk) product and
-            # (P Tq, Tk) @ (Tk, K) back, no transpose of the probabilities
-            logits = jnp.einsum(f"b{pq}qnk,b{pk}snk->bn{po}qs", qh, kh)
-            probs = softmax(logits)
-            o = jnp.einsum(f"bn{po}qs,b{pk}snk->b{po}qnk", probs, vh)
+            # (P Tq, Tk) @ (Tk, K) back. The softmax's division comes after the second
+            # product (on Tq K values instead of Tq Tk): for layer 0's 4096 shared image
+            # tokens XLA:CPU otherwise writes the normalised probabilities once more, in a
+            # transposed layout (~2x the cost of this attention at 64 prompts)
+            logits = jnp.einsum(f"b{pq}qnk,b{pk}nsk->bn{po}qs", qh, kh).astype(jnp.float32) / scale
+            logits = _mask_logits(logits, key_mask, pk)
+            e = jnp.exp(logits - logits.max(-1, keepdims=True))
+            o = jnp.einsum(f"bn{po}qs,b{pk}nsk->bn{po}qk", e.astype(dt), vh) / e.sum(-1, keepdims=True)
+            o = jnp.moveaxis(o.astype(dt), 1, -2)  # (B, P?, Tq, N, K)
             out = o.reshape(*o.shape[:-2], internal) @ wo + bo
         return out if po else out[:, None]
 
