@@ -8,7 +8,8 @@ x`--scale` with PIL bicubic: 800 x 1200 by default) for every measurement:
   set_image      resize + image encoder (1024 x 1024 input), median of --reps-image
   predict 1      one point prompt, multimask (3 masks at the original size, bool)
   predict 64     64 point prompts in one call (segjax `predict_batch`, official
-                 `predict_torch` with the points already transformed), single mask each
+                 `predict_torch` with the points already transformed), single mask each,
+                 median of --reps-predict / 2
   amg            SamAutomaticMaskGenerator.generate (embedding included) with
                  points_per_side=--amg-points (16 by default: 256 prompts, 4 batches of
                  64), pred_iou_thresh 0, stability_score_thresh 0 (so every mask reaches
@@ -23,14 +24,19 @@ peak MB: the worker's peak resident set size (getrusage).
   python benchmarks/sam.py --model vit_b --reps-image 3 --reps-predict 20
   python benchmarks/sam.py --skip-torch --dtype bfloat16
 
-Measured (2-core AVX2 EPYC, idle, ViT-B, fp32, 800 x 1200, 2026-11-26 14:06, defaults):
-  set_image   segjax 6.88 s      official 12.08 s      1.76x (official 11.1-17.4 s across runs)
-  predict 1   segjax 40.5 ms     official 65.6 ms      1.62x
-  predict 64  segjax 20.6 ms/prompt  official 103.7 ms/prompt  5.04x (target: under 20 ms)
-  amg (256 points, thresholds 0)  segjax 15.6 s  official 64.1 s  4.10x
-  peak RSS segjax 3824 MB, official 3789 MB; compile 1.9-3.6 s per program.
-Before the folded token -> image attention and the 2-token prompt bucket (same day):
-predict 64 at 43.8 ms/prompt, predict 1 at 62.5 ms, amg 24.3 s.
+Measured (2-core EPYC, idle, ViT-B, fp32, 800 x 1200, 2026-11-26 16:01-16:11, defaults):
+  set_image   segjax 6.83 s      official 11.48 s      1.68x (official 11.1-17.4 s across runs)
+  predict 1   segjax 31.3 ms     official 69.7 ms      2.23x
+  predict 64  segjax 16.8 ms/prompt  official 105.1 ms/prompt  6.25x (target: under 20 ms)
+  amg (256 points, thresholds 0)  segjax 15.3 s  official 65.3 s  4.26x
+  peak RSS segjax 4727 MB, official 3780 MB (segjax 3762 MB with --reps-amg 1: the second
+  automatic-mask run raises glibc's high-water mark; the code of that morning did the same
+  in a tiny-encoder test, 3.7 -> 4.2 GB); compile 1.9-3.3 s per program.
+The machine's speed drifts by up to ~30% (other tenants): a slightly earlier build gave
+22.9 ms per prompt at 15:26 while the official predict_torch took 130.7 ms (5.71x). For
+A/B comparisons run both versions interleaved in one process.
+Earlier the same day: predict 64 at 20.6 ms/prompt (14:06), 43.8 ms before the folded
+token -> image attention and the 2-token prompt bucket; predict 1 at 40.5 / 62.5 ms.
 """
 
 from __future__ import annotations
