@@ -104,6 +104,7 @@ def _gather_rows(x: jnp.ndarray, idx: np.ndarray, w: np.ndarray) -> jnp.ndarray:
 
 def _upscale_taps(low_shape: tuple[int, ...], img_size: int, input_size: tuple[int, int],
                   original_size: tuple[int, int]):
+    """((idx, w) of the H axis, (idx, w) of the W axis) for `upscale_masks`."""
     hi, wi = input_size
     if not (0 < hi <= img_size and 0 < wi <= img_size):
         raise ValueError(f"input_size {input_size} must fit in the model input {img_size}")

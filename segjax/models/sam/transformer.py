@@ -159,9 +159,11 @@ class Attention(nn.Module):
                 kb = "" if kp.shape[0] == 1 else "b"
                 logits = logits + jnp.einsum(f"{kb}lc,b{pq}cm->b{pq}lm", kp[0] if not kb else kp, a)
             logits = logits.astype(jnp.float32) / scale
-            e = jnp.exp(logits - logits.max(-2, keepdims=True))  # softmax over the keys L, divided
-            ctx = jnp.einsum(f"b{po}lm,b{pk}lc->b{po}mc", e.astype(dt), _squeeze_shared(v))  # after the
-            ctx = (ctx / jnp.swapaxes(e.sum(-2, keepdims=True), -1, -2)).astype(dt)  # product: (B, P?, N Tq, C)
+            # softmax over the keys L, its division after the value product (on N Tq C
+            # values, not the (L, N Tq) probabilities)
+            e = jnp.exp(logits - logits.max(-2, keepdims=True))
+            ctx = jnp.einsum(f"b{po}lm,b{pk}lc->b{po}mc", e.astype(dt), _squeeze_shared(v))
+            ctx = (ctx / jnp.swapaxes(e.sum(-2, keepdims=True), -1, -2)).astype(dt)  # (B, P?, N Tq, C)
             # the probabilities sum to 1: sum_l p_l (v_l Wv + bv) = (sum_l p_l v_l) Wv + bv
             ctx = ctx.reshape(*ctx.shape[:-2], n, tq, c)
             o = jnp.einsum(f"b{po}ntc,cnk->b{po}tnk", ctx, wv.reshape(c, n, hd)) + bv.reshape(n, hd)
