@@ -29,7 +29,7 @@ Measured (2-core EPYC, idle, ViT-B, fp32, 800 x 1200, 2026-11-26 16:01-16:11, de
   predict 1   segjax 31.3 ms     official 69.7 ms      2.23x
   predict 64  segjax 16.8 ms/prompt  official 105.1 ms/prompt  6.25x (target: under 20 ms)
   amg (256 points, thresholds 0)  segjax 15.3 s  official 65.3 s  4.26x
-  peak RSS segjax 4727 MB, official 3780 MB (segjax 3762 MB with --reps-amg 1: the second
+  peak RSS segjax 4727 MB, official 3780 MB (segjax 3762-4036 MB with --reps-amg 1: the second
   automatic-mask run raises glibc's high-water mark; the code of that morning did the same
   in a tiny-encoder test, 3.7 -> 4.2 GB); compile 1.9-3.3 s per program.
 The machine's speed drifts by up to ~30% (other tenants): a slightly earlier build gave
