@@ -27,7 +27,7 @@ import numpy as np
 from segjax.inference import amg_crops, rle
 from segjax.inference.box_nms import batched_nms
 from segjax.inference.mask_regions import remove_small_regions
-from segjax.inference.sam_postprocess import mask_boxes, stability_score, upscale_masks_h, upscale_masks_w
+from segjax.inference.sam_postprocess import mask_boxes, stability_score
 from segjax.inference.sam_predictor import MASK_THRESHOLD, SamImage, SamInputError, SamPredictor
 from segjax.inference.sam_transforms import check_image, scale_coords
 
@@ -84,26 +84,17 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
-        # NOTE: two programs on purpose. Fused into one, XLA:CPU (jax 0.10) turns the
-        # upscaling gathers plus several consumers (threshold, counts, boxes) into a
-        # fusion ~20x slower than materialising the logits in between.
-        # The upscaling's two passes are two programs as well (`upscale_masks`).
-        self._upscale_w = jax.jit(upscale_masks_w, static_argnums=(1, 2, 3))
-        self._upscale_h = jax.jit(self._upscale_h_impl, static_argnames=("input_size", "crop_size", "low_hw"))
+        # NOTE: scoring is a program of its own, after the predictor's upscaling ones, on
+        # purpose. Fused into one, XLA:CPU (jax 0.10) turns the upscaling gathers plus
+        # several consumers (threshold, counts, boxes) into a fusion ~20x slower than
+        # materialising the logits in between.
         self._score = jax.jit(self._score_impl)
 
     # ------------------------------------------------------------------ device part
-    def _upscale(self, low_res, input_size, crop_size):
-        """(P, M, lh, lw) low-res logits -> (P*M, h, w) logits at the crop size."""
-        x = self._upscale_w(low_res, self.predictor.img_size, input_size, crop_size)
-        return self._upscale_h(x, input_size=input_size, crop_size=crop_size, low_hw=tuple(low_res.shape[-2:]))
-
-    def _upscale_h_impl(self, x, input_size, crop_size, low_hw):
-        logits = upscale_masks_h(x, self.predictor.img_size, input_size, crop_size, low_hw)
-        return logits.reshape(-1, *logits.shape[-2:])
-
     def _score_impl(self, logits):
-        """(N, h, w) logits -> masks (N, h, w) bool, stability (N,), boxes (N, 4) int32."""
+        """(P, M, h, w) logits (the predictor's upscaling to the crop size) -> masks
+        (N, h, w) bool, stability (N,), boxes (N, 4) int32, N = P * M."""
+        logits = logits.reshape(-1, *logits.shape[-2:])
         stab = stability_score(logits, MASK_THRESHOLD, self.stability_score_offset)
         masks = logits > MASK_THRESHOLD
         return masks, stab, mask_boxes(masks)
@@ -181,7 +172,7 @@ class SamAutomaticMaskGenerator:
         coords[:n, 0] = scale_coords(points, state.original_size, pred.img_size).astype(np.float32)
         labels = np.tile(np.array([[1, -1]], np.int32), (self.points_per_batch, 1))
         low, iou = pred.decode(coords, labels, multimask_output=True, image=state)
-        logits = self._upscale(low, input_size=tuple(state.input_size), crop_size=tuple(state.original_size))
+        logits = pred.upscale(low, return_logits=True, image=state)  # (P, M) logits at the crop size
         masks, stab, boxes = self._score(logits)
         m = iou.shape[-1]
         iou = np.asarray(iou, np.float32)[:n].reshape(-1)
