@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from segjax.models.sam.transformer import Attention
 
@@ -24,36 +25,25 @@ def _plain(p, q, k, v, mask, n):
     return proj(out.reshape(*out.shape[:-2], -1), "out_proj")
 
 
-def test_image_to_token_fold_matches_plain_attention():
-    n, c, p, nl, t = 2, 64, 3, 100, 5  # N T = 10 < I = 32 and L > I: the folded path
-    rng = np.random.default_rng(0)
-    q = rng.standard_normal((1, 1, nl, c)).astype(np.float32)  # image tokens shared by the prompts
+@pytest.mark.parametrize("shared,seed,masked,key", [
+    (True, 0, (1, 3), 1),  # image tokens shared by the prompts (layer 0): projected once per image
+    (False, 3, (2, 4), 4),  # image tokens per prompt (layer 1): the folded projections
+])
+def test_image_to_token_matches_plain_attention(shared, seed, masked, key):
+    n, c, p, nl, t = 2, 64, 3, 100, 5  # N T = 10 < I = 32 and L > I: image -> token forms
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, 1 if shared else p, nl, c)).astype(np.float32)
     k = rng.standard_normal((1, p, t, c)).astype(np.float32)
     mask = np.ones((1, p, t), bool)
-    mask[0, 1, 3:] = False
+    mask[0, masked[0], masked[1]:] = False
     mod = Attention(n, 2)
     params = mod.init(jax.random.key(0), q, k, k, mask)["params"]
-    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), params)
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(key), x.shape), params)
     out = mod.apply({"params": params}, q, k, k, jnp.asarray(mask))
     ref = _plain(params, np.broadcast_to(q, (1, p, nl, c)).astype(np.float64), k.astype(np.float64),
                  k.astype(np.float64), mask, n)
     assert out.shape == (1, p, nl, c)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())  # fp32 vs fp64
-
-
-def test_image_to_token_fold_per_prompt_queries_matches_plain_attention():
-    n, c, p, nl, t = 2, 64, 3, 100, 5  # image tokens per prompt (layer 1): the folded projections
-    rng = np.random.default_rng(3)
-    q = rng.standard_normal((1, p, nl, c)).astype(np.float32)
-    k = rng.standard_normal((1, p, t, c)).astype(np.float32)
-    mask = np.ones((1, p, t), bool)
-    mask[0, 2, 4:] = False
-    mod = Attention(n, 2)
-    params = mod.init(jax.random.key(0), q, k, k, mask)["params"]
-    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(4), x.shape), params)
-    out = mod.apply({"params": params}, q, k, k, jnp.asarray(mask))
-    ref = _plain(params, q.astype(np.float64), k.astype(np.float64), k.astype(np.float64), mask, n)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_token_to_image_separate_positional_encoding():
