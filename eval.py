@@ -24,9 +24,9 @@ def main(argv):
     from segjax import runtime
 
     runtime.setup()
-    from segjax import evaluate
+    from segjax import train_loop
 
-    metrics = evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    metrics = train_loop.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     logging.info("eval metrics: %s", metrics)
     print("eval:", " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 

@@ -21,7 +21,7 @@ hard time limit still prints what it measured.
   mrcnn   Mask R-CNN R50-FPN eval forward on one 800x800 photo (skimage astronaut):
           torchvision MaskRCNN as its COCO weights build it (FrozenBatchNorm2d,
           trainable layers 3), seeded random weights made non-degenerate by
-          tests/reference/maskrcnn_ref.r50_torch, converted with
+          segjax/testing/maskrcnn_ref.r50_torch, converted with
           segjax.convert.maskrcnn.from_state_dict. segjax: jit(model.apply) on the padded
           input (no host resize, no mask pasting); torchvision: model([img]) (includes
           its transform and mask pasting). Detections counted on both sides.
@@ -85,11 +85,6 @@ from types import SimpleNamespace
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_HERE)
-for _p in (_REPO, _HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 ROWS: list[str] = []
 HDR = f"{'section':12} {'impl':34} {'ms':>9} {'min':>9} {'compile s':>9} {'img/s':>8}  note"
@@ -326,7 +321,7 @@ def _mrcnn_setup(env, a):
 
     from segjax import models
     from segjax.convert import maskrcnn as conv
-    from tests.reference.maskrcnn_ref import r50_torch, tiny_torch
+    from segjax.testing.maskrcnn_ref import r50_torch, tiny_torch
 
     if a.smoke:
         tv, variant = tiny_torch(), "mask_rcnn_tiny"
@@ -344,7 +339,7 @@ def section_mrcnn(env, a, state):
     import jax
     import jax.numpy as jnp
 
-    from segjax.models.detection.mask_rcnn import prepare_image
+    from segjax.models.maskrcnn.mask_rcnn import prepare_image
 
     torch = env.torch
     if "mrcnn" not in state:

@@ -52,7 +52,6 @@ import subprocess
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TAG = "@@bench "  # prefix of protocol lines on a worker's stdout; all else is ignored
 
 
@@ -96,8 +95,6 @@ def analytic_train_flops(cfg: dict, batch: int, mask_ratio: float) -> float:
 
 
 def _model_cfg(name: str) -> dict:
-    if _REPO not in sys.path:
-        sys.path.insert(0, _REPO)
     from segjax import models
 
     m = models.build(name)
@@ -119,8 +116,6 @@ class _SegjaxWorker:
     """A compiled segjax train step with its state; `steps(n)` runs n of them."""
 
     def __init__(self, args):
-        if _REPO not in sys.path:
-            sys.path.insert(0, _REPO)
         from segjax import xla_flags
 
         # before jax starts a backend: XLA_FLAGS preset, and glibc keeping freed memory

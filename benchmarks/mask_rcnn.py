@@ -165,8 +165,8 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
     import numpy as np
     import optax
 
-    from segjax.models.detection.backbone import frozen_patterns
-    from segjax.models.detection.mask_rcnn import mask_rcnn_loss, prepare_image
+    from segjax.models.maskrcnn.backbone import frozen_patterns
+    from segjax.models.maskrcnn.mask_rcnn import mask_rcnn_loss, prepare_image
     from segjax.optim import trainable_mask
 
     prepped = [prepare_image(im, model.min_size, model.max_size, model.size_divisible) for im in images]
@@ -192,7 +192,6 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
 
 
 def worker_segjax(args) -> dict:
-    sys.path.insert(0, _REPO)
     from segjax.xla_flags import setup_cpu
 
     setup_cpu()  # XLA:CPU preset + host-memory reuse, before the backend starts

@@ -52,7 +52,6 @@ import subprocess
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TAG = "@@bench "
 
 
@@ -84,8 +83,6 @@ def _checksum(x) -> list[float]:
 
 class _SegjaxWorker:
     def __init__(self, args, impl):
-        if _REPO not in sys.path:
-            sys.path.insert(0, _REPO)
         import jax
         import jax.numpy as jnp
 

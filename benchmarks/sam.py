@@ -53,8 +53,6 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TAG = "@@bench "
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
 
 def _peak_mb() -> float:
@@ -135,8 +133,8 @@ def _worker_segjax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from segjax.inference.sam_amg import SamAutomaticMaskGenerator
-    from segjax.inference.sam_predictor import SamPredictor
+    from segjax.inference.sam.amg import SamAutomaticMaskGenerator
+    from segjax.inference.sam.predictor import SamPredictor
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     pred = SamPredictor.from_checkpoint(args.ckpt, dtype=dtype)
@@ -171,7 +169,7 @@ def _official(model: str):
     """The official model: sam_model_registry[model](), or the test suite's tiny SAM
     (`--model tiny`, a smoke test of this script)."""
     if model == "tiny":
-        from tests.reference.sam_official import TINY, build_official
+        from segjax.testing.sam_official import TINY, build_official
 
         return build_official(TINY)
     from segment_anything import sam_model_registry

@@ -1,4 +1,4 @@
-"""The one generic training loop (every task plugs in through `segjax.tasks`).
+"""The one generic training loop and checkpoint evaluation (tasks plug in through `segjax.tasks`).
 
 The train state is a plain pytree {'params', 'opt_state', 'step', 'rng'}; the data
 position lives beside it in the checkpoint. The step is one `jax.jit` with
@@ -271,6 +271,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
     return last
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+    """Restores the newest readable params in `workdir` and runs the task's evaluation."""
+    trainer = Trainer(config)
+    params_t, _ = trainer.targets()
+    params, meta = checkpoint.load_params(workdir, target=params_t)
+    if meta.get("model") != config.model.name:
+        raise ValueError(f"checkpoint in {workdir} holds model {meta.get('model')!r}, but the "
+                         f"config builds {config.model.name!r}")
+    step = int(meta["step"])
+    writer = MetricWriter(os.path.join(workdir, "tensorboard_eval"), enabled=jax.process_index() == 0)
+    metrics = trainer.task.evaluate(trainer, params, workdir, step, writer)
+    writer.scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
+    writer.close()
+    return metrics
 
 
 def _progress(start: int, total: int, enabled: bool):

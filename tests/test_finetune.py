@@ -8,7 +8,7 @@ import pytest
 
 from configs.classification import digits_finetune
 from configs.mae import digits as mae_digits
-from segjax import checkpoint, evaluate, train_loop
+from segjax import checkpoint, train_loop
 
 
 def _small(c, tmp, steps=4):
@@ -40,7 +40,7 @@ def test_mae_run_writes_checkpoint_metrics_and_picture(mae_workdir):
     assert img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
     # eval.py's library path on the same workdir
     c = _small(mae_digits.get_config("runlocal"), mae_workdir)
-    m = evaluate.evaluate_checkpoint(c, str(w))
+    m = train_loop.evaluate_checkpoint(c, str(w))
     assert np.isfinite(m["loss"])
 
 

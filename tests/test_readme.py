@@ -14,7 +14,7 @@ def _readme_commands():
 def test_ci_runs_readme_test_command():
     cmds = _readme_commands()
     assert len(cmds) >= 2
-    assert cmds[0].startswith("pip install -r requirements.txt && python train.py")
+    assert cmds[0].startswith("pip install -e . && python train.py")
     test_cmd = cmds[1].strip()
     assert "pytest" in test_cmd
     ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()

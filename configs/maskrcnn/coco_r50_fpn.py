@@ -20,7 +20,7 @@ torchvision's 91-slot heads (e.g. converted COCO weights).
 """
 
 from configs.base import base_config
-from segjax.models.detection.backbone import frozen_patterns
+from segjax.models.maskrcnn.backbone import frozen_patterns
 
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with annotations
 

@@ -17,7 +17,7 @@ box AP 0.596 / mask AP 0.599 at step 600, box AP 0.734 (AP50 0.935) / mask AP 0.
 """
 
 from configs.base import base_config
-from segjax.models.detection.backbone import frozen_patterns
+from segjax.models.maskrcnn.backbone import frozen_patterns
 
 
 def get_config(arg=None):

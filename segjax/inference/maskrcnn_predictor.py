@@ -25,7 +25,7 @@ import numpy as np
 
 from segjax import models
 from segjax.checkpoint import load_params
-from segjax.models.detection.mask_rcnn import MaskRCNN, prepare_image, rescale_boxes
+from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, prepare_image, rescale_boxes
 from segjax.ops.masks import paste_masks_in_image
 
 

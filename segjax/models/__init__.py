@@ -9,10 +9,10 @@ from __future__ import annotations
 import flax.linen as nn
 
 from segjax.models.classifier import VisionTransformer
-from segjax.models.detection import VARIANTS as _MASK_RCNN
-from segjax.models.detection import MaskRCNN
-from segjax.models.detection import builder as _mask_rcnn_builder
 from segjax.models.mae import MAE
+from segjax.models.maskrcnn import VARIANTS as _MASK_RCNN
+from segjax.models.maskrcnn import MaskRCNN
+from segjax.models.maskrcnn import builder as _mask_rcnn_builder
 from segjax.models.sam import Sam
 
 _VIT = {

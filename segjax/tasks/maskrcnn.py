@@ -30,12 +30,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from segjax import models
-from segjax.data import coco, detection, shapes
+from segjax.data import coco, shapes
+from segjax.data import maskrcnn as maskrcnn_data
 from segjax.data.decode import decode_image
 from segjax.data.source import resolve_data_dir
 from segjax.evaluators import coco as coco_eval
 from segjax.evaluators import visualize
-from segjax.models.detection.mask_rcnn import MaskRCNN, rescale_boxes
+from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, rescale_boxes
 from segjax.tasks import common
 
 RNG_STREAMS = ("sampling",)
@@ -105,11 +106,11 @@ def check_num_classes(config, metadata: dict) -> None:
                          f"config.model.kwargs.num_classes={need}")
 
 
-def preprocess(config, train: bool) -> detection.DetectionPreprocess:
+def preprocess(config, train: bool) -> maskrcnn_data.DetectionPreprocess:
     d = config.data
     min_size = d.min_size
     min_size = int(min_size) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
-    return detection.DetectionPreprocess(
+    return maskrcnn_data.DetectionPreprocess(
         min_size=min_size, max_size=int(d.max_size), pad_size=pad_size(config),
         max_instances=int(d.max_instances), hflip=bool(d.get("hflip", False)) and train,
         label_key=d.get("label_key", "label"), with_masks=train)
@@ -119,7 +120,7 @@ class _ModelBatches:
     """A DetectionLoader whose batches carry only what the train step reads (the
     host-only image_id (int64) and orig_hw stay behind)."""
 
-    def __init__(self, loader: detection.DetectionLoader):
+    def __init__(self, loader: maskrcnn_data.DetectionLoader):
         self.loader = loader
 
     def __getattr__(self, name):
@@ -140,7 +141,7 @@ class _ModelBatches:
 def make_loader(config, split, process_index, process_count):
     data_dir, name = dataset(config)
     check_num_classes(config, coco.dataset_metadata(data_dir, name))
-    loader = detection.DetectionLoader(
+    loader = maskrcnn_data.DetectionLoader(
         coco.open_split(data_dir, name, split), preprocess(config, train=True),
         global_batch_size=config.batch_size, seed=config.seed,
         process_index=process_index, process_count=process_count)
@@ -188,7 +189,7 @@ def evaluate(trainer, params, workdir: str, step: int, writer) -> dict[str, floa
     data_dir, name = dataset(config)
     split = config.data.get("eval_split", "val")
     source = coco.open_split(data_dir, name, split)
-    loader = detection.DetectionEvalLoader(
+    loader = maskrcnn_data.DetectionEvalLoader(
         source, preprocess(config, train=False), global_batch_size=config.get("eval_batch_size", config.batch_size),
         process_index=jax.process_index(), process_count=jax.process_count(),
         max_examples=int(ev_cfg.get("max_images", 0)) or None)
@@ -247,7 +248,7 @@ def _draw(config, source, meta, drawn, workdir, step, writer) -> None:
         image = decode_image(record["image"])
         scale = max(1, 256 // max(image.shape[:2]))
         obj = record["objects"]
-        gt_masks = detection.decode_masks(obj["rle"], int(record["height"]), int(record["width"]))
+        gt_masks = maskrcnn_data.decode_masks(obj["rle"], int(record["height"]), int(record["width"]))
         labels = det["labels"] if label_key == "label" else _contiguous(det["labels"], meta)
         rows.append(visualize.side_by_side([
             visualize.draw_detections(image, det["boxes"], labels, det["scores"], det["masks"], names,

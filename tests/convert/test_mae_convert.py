@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+transformers = importorskip("transformers")
+timm = importorskip("timm")
 
 from safetensors.numpy import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -27,8 +29,8 @@ from segjax.checkpoint import flatten_paths, load_params, merge_params
 from segjax.convert import ConversionError, common
 from segjax.convert import mae as conv
 from segjax.convert.__main__ import main as cli
-from tests.reference.images import masking_noise, photo_batch
-from tests.reference.mae_official import OfficialMAE, mae_forward_encoder, randomize_, sincos_table
+from segjax.testing.images import masking_noise, photo_batch
+from segjax.testing.mae_official import OfficialMAE, mae_forward_encoder, randomize_, sincos_table
 
 REL_TOL = 1e-5  # fp32 parity target: relative to the reference's largest magnitude
 TINY = dict(img=32, patch=4, dim=64, depth=3, heads=4, dec_dim=32, dec_depth=2, dec_heads=4)

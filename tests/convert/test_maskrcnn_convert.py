@@ -1,6 +1,6 @@
 """Mask R-CNN converter and eval-mode parity against torchvision (seeded random weights).
 
-A seeded torchvision MaskRCNN (`tests/reference/maskrcnn_ref.py`: the `mask_rcnn_tiny`
+A seeded torchvision MaskRCNN (`segjax/testing/maskrcnn_ref.py`: the `mask_rcnn_tiny`
 twin by default, maskrcnn_resnet50_fpn under `slow`) goes through
 `python -m segjax.convert maskrcnn`; then, on a real photo (skimage chelsea, 300x451):
   * input transform (resize + normalise + pad): rel err <= 1e-5
@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+torchvision = importorskip("torchvision")
 
 from segjax import models  # noqa: E402
 from segjax.checkpoint import load_params  # noqa: E402
@@ -31,8 +33,8 @@ from segjax.convert import ConversionError  # noqa: E402
 from segjax.convert import maskrcnn as conv  # noqa: E402
 from segjax.convert.__main__ import main as cli  # noqa: E402
 from segjax.inference import MaskRCNNPredictor  # noqa: E402
-from segjax.models.detection.mask_rcnn import MaskRCNN, prepare_image  # noqa: E402
-from tests.reference.maskrcnn_ref import chelsea, r50_torch, tiny_torch, to_tensor  # noqa: E402
+from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, prepare_image  # noqa: E402
+from segjax.testing.maskrcnn_ref import chelsea, r50_torch, tiny_torch, to_tensor  # noqa: E402
 
 REL_TOL = 1e-4
 torch.set_num_threads(1)

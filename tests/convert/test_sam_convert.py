@@ -10,8 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("segment_anything")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+importorskip("segment_anything")
 
 from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
@@ -22,7 +24,7 @@ from segjax.convert import ConversionError
 from segjax.convert import sam as conv
 from segjax.convert.__main__ import main as cli
 from segjax.models.sam import ABSENT
-from tests.reference.sam_official import TINY, VIT_B, make_official, prompt_cases, to_tokens
+from segjax.testing.sam_official import TINY, VIT_B, make_official, prompt_cases, to_tokens
 
 REL_TOL = 1e-5
 torch.set_num_threads(1)
@@ -228,8 +230,8 @@ def test_non_standard_variant_is_inferred():
 
 
 def hf_tiny(seed=0):
-    transformers = pytest.importorskip("transformers")
-    from tests.reference.sam_official import randomize_
+    transformers = importorskip("transformers")
+    from segjax.testing.sam_official import randomize_
 
     c = TINY["c"]
     cfg = transformers.SamConfig(
@@ -274,7 +276,7 @@ def test_hf_conversion_parity(tmp_path):
 
 
 def test_hf_reverse_export_loads_strict(tiny, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = importorskip("transformers")
     _, d = tiny
     assert cli(["sam", "--reverse", str(d / "ckpt"), str(tmp_path / "hf"), "--format", "hf"]) == 0
     hf = transformers.SamModel.from_pretrained(tmp_path / "hf")

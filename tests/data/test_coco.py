@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 
 from segjax.data import coco
 from segjax.data.decode import decode_image
-from tests.data.coco_fixture import CATEGORIES, EXPECTED_COUNTS, H, W, _runs, write_tiny_coco
+from segjax.testing.coco_fixture import CATEGORIES, EXPECTED_COUNTS, H, W, _runs, write_tiny_coco
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pycocotools.cocoeval import COCOeval
 
 from segjax.data import shapes
 from segjax.evaluators import coco as coco_eval
+from segjax.testing import importorskip
 
 torch.set_num_threads(1)
 
@@ -90,7 +91,7 @@ def test_noisy_detections_equal_plain_pycocotools(gt_file, tmp_path):
 
 
 def test_faster_coco_eval_agrees(gt_file):
-    pytest.importorskip("faster_coco_eval")
+    importorskip("faster_coco_eval")
     gt = COCO(gt_file)
     dets = _detections(gt, noise=2.0, seed=1)
     metrics = {}

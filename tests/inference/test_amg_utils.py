@@ -7,17 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("segment_anything")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+importorskip("segment_anything")
 
 from segment_anything.utils import amg as ref
 from torchvision.ops import batched_nms as tv_batched_nms
 from torchvision.ops import nms as tv_nms
 
-from segjax.inference import amg_crops, rle
-from segjax.inference.box_nms import batched_nms, nms
-from segjax.inference.mask_regions import remove_small_regions
-from segjax.inference.sam_postprocess import mask_boxes, stability_score
+from segjax.inference.sam import amg_crops, rle
+from segjax.inference.sam.box_nms import batched_nms, nms
+from segjax.inference.sam.mask_regions import remove_small_regions
+from segjax.inference.sam.postprocess import mask_boxes, stability_score
 
 torch.set_num_threads(1)
 
@@ -80,7 +82,7 @@ def test_rle_roundtrip_and_reference():
 
 
 def test_coco_rle():
-    pytest.importorskip("pycocotools")
+    importorskip("pycocotools")
     from pycocotools import mask as mask_utils
 
     masks = random_masks()
@@ -159,7 +161,7 @@ def test_remove_small_regions_by_hand():
 
 
 def test_remove_small_regions_matches_reference_cv2():
-    pytest.importorskip("cv2")
+    importorskip("cv2")
     rng = np.random.default_rng(5)
     for i in range(6):
         m = rng.random((40, 60)) < (0.2 + 0.12 * i)

@@ -14,8 +14,8 @@ from segjax.convert import common
 from segjax.convert import mae as conv
 from segjax.inference import MAEPredictor
 from segjax.models.mae import patchify
-from tests.reference.images import masking_noise, photo_batch
-from tests.reference.params import abstract_params, random_params
+from segjax.testing.images import masking_noise, photo_batch
+from segjax.testing.params import abstract_params, random_params
 
 KW = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
           decoder_depth=1, decoder_num_heads=4)

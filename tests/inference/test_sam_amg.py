@@ -26,16 +26,18 @@ import copy
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("segment_anything")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+importorskip("segment_anything")
 
 from segment_anything import SamAutomaticMaskGenerator as OfficialAMG
 
 from segjax.convert.__main__ import main as convert_cli
-from segjax.inference import rle
-from segjax.inference.sam_amg import SamAutomaticMaskGenerator
-from segjax.inference.sam_predictor import SamInputError, SamPredictor
-from tests.reference.sam_official import TINY, make_official
+from segjax.inference.sam import rle
+from segjax.inference.sam.amg import SamAutomaticMaskGenerator
+from segjax.inference.sam.predictor import SamInputError, SamPredictor
+from segjax.testing.sam_official import TINY, make_official
 
 SCORE_TOL = 1e-4  # predicted IoU (fp32 decoder parity) and stability (pixel counts of ~1e5)
 torch.set_num_threads(1)
@@ -165,7 +167,7 @@ def test_same_masks_as_reference_blob_decoder(sam, crop_n_layers, capsys):
 @pytest.mark.parametrize("mode", ["uncompressed_rle", "coco_rle"])
 def test_output_modes(sam, mode):
     if mode == "coco_rle":
-        pytest.importorskip("pycocotools")
+        importorskip("pycocotools")
     ref, ours = both(sam, output_mode=mode)
     image = photo()
     theirs, mine = ref.generate(image), ours.generate(image)
@@ -179,7 +181,7 @@ AREA = 600  # px: the blob decoder's holes and islands are ~250-350 px at chelse
 
 
 def test_small_region_removal(sam):
-    from segjax.inference.mask_regions import remove_small_regions
+    from segjax.inference.sam.mask_regions import remove_small_regions
 
     image = photo()
     ref, ours = both(sam, min_mask_region_area=AREA)
@@ -193,7 +195,7 @@ def test_small_region_removal(sam):
     for r in plain:
         changed += any(remove_small_regions(r["segmentation"], AREA, mode)[1] for mode in ("holes", "islands"))
     assert changed > 0, "the test masks have no small region to remove"
-    pytest.importorskip("cv2")  # the reference needs OpenCV for this option
+    importorskip("cv2")  # the reference needs OpenCV for this option
     assert_same_records(mine, ref.generate(image))
 
 

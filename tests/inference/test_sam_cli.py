@@ -1,4 +1,4 @@
-"""`python -m segjax.inference.sam_cli` on a tiny converted SAM: files written, masks
+"""`python -m segjax.inference.sam` on a tiny converted SAM: files written, masks
 equal to the predictor's."""
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("segment_anything")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+importorskip("segment_anything")
 
 from segjax.convert.__main__ import main as convert_cli
-from segjax.inference.sam_cli import main as sam_cli
-from segjax.inference.sam_predictor import SamPredictor
-from tests.reference.sam_official import TINY, make_official
+from segjax.inference.sam.cli import main as sam_cli
+from segjax.inference.sam.predictor import SamPredictor
+from segjax.testing.sam_official import TINY, make_official
 
 
 @pytest.fixture(scope="module")

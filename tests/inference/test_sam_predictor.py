@@ -13,16 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("segment_anything")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+importorskip("segment_anything")
 
 from segment_anything import SamPredictor as OfficialPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from segjax.convert.__main__ import main as convert_cli
-from segjax.inference import sam_postprocess, sam_transforms
-from segjax.inference.sam_predictor import SamInputError, SamPredictor, bucket, token_bucket
-from tests.reference.sam_official import TINY, make_official, prompt_cases
+from segjax.inference.sam import postprocess as sam_postprocess
+from segjax.inference.sam import transforms as sam_transforms
+from segjax.inference.sam.predictor import SamInputError, SamPredictor, bucket, token_bucket
+from segjax.testing.sam_official import TINY, make_official, prompt_cases
 
 REL_TOL = 2e-5  # fp32: relative to the reference's largest magnitude
 torch.set_num_threads(1)
@@ -256,7 +259,7 @@ def test_bf16_option(sam):
 @pytest.mark.slow
 def test_vit_b_full_size_predictor_parity(tmp_path):
     """ViT-B at 1024 (seeded random weights), the official predictor vs ours on chelsea."""
-    from tests.reference.sam_official import VIT_B
+    from segjax.testing.sam_official import VIT_B
 
     official = make_official(VIT_B, seed=0)
     torch.save(official.state_dict(), tmp_path / "sam_vit_b.pth")

@@ -19,6 +19,7 @@ from segjax.models.vit import (
     window_partition,
     window_unpartition,
 )
+from segjax.testing import importorskip
 
 
 def _inputs(b=2, p=3, t=4, s=256, seed=0):
@@ -131,8 +132,8 @@ def test_rel_pos_attention_query_blocks_equal_one_block():
 
 
 def test_windowing_and_rel_pos_match_official():
-    torch = pytest.importorskip("torch")
-    ie = pytest.importorskip("segment_anything.modeling.image_encoder")
+    torch = importorskip("torch")
+    ie = importorskip("segment_anything.modeling.image_encoder")
     import torch.nn.functional as F
 
     x = np.random.default_rng(0).normal(size=(2, 10, 7, 3)).astype(np.float32)
@@ -157,11 +158,11 @@ def test_windowing_and_rel_pos_match_official():
 def test_other_input_size_matches_official_with_resized_pos_embed(tmp_path):
     """The official encoder runs at 160 once its pos_embed is bicubic-resized by hand
     (its get_rel_pos resizes the global tables itself): ours must agree."""
-    torch = pytest.importorskip("torch")
+    torch = importorskip("torch")
     import torch.nn.functional as F
 
     from segjax.convert import sam as conv
-    from tests.reference.sam_official import TINY, make_official
+    from segjax.testing.sam_official import TINY, make_official
 
     official = make_official(TINY, seed=3)
     sd = {k: v.numpy() for k, v in official.state_dict().items()}
@@ -184,7 +185,7 @@ def test_other_input_size_matches_official_with_resized_pos_embed(tmp_path):
 def test_full_size_variants_match_official_shapes():
     """sam_vit_b/l/h parameter shapes equal the official models' (built on the meta
     device: no memory), through the converter's rename table."""
-    torch = pytest.importorskip("torch")
+    torch = importorskip("torch")
     from segment_anything import sam_model_registry
 
     from segjax.convert import sam as conv

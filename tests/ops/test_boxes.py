@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+torchvision = importorskip("torchvision")
 
 from torchvision.models.detection._utils import BoxCoder
 

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+importorskip("torchvision")
 
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 

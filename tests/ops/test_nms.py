@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+torchvision = importorskip("torchvision")
 
 from segjax.ops import batched_nms, nms
 from segjax.ops.boxes import box_iou

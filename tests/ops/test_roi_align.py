@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+torchvision = importorskip("torchvision")
 
 from segjax.ops import multiscale_roi_align, roi_align
 from segjax.ops.roi_align import default_max_samples, fpn_levels

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.maskrcnn import shapes as shapes_config
-from segjax import evaluate, sharding, train_loop
+from segjax import sharding, train_loop
 from segjax.evaluators import coco as coco_eval
 from segjax.tasks import maskrcnn
 
@@ -59,7 +59,7 @@ def test_train_then_eval_writes_detections_and_metrics(data_dir, tmp_path):
     assert {r["category_id"] for r in results} <= {1, 2, 3}
     assert os.path.exists(os.path.join(workdir, "images", "maskrcnn_step000003.png"))
     # eval.py's path: the saved checkpoint gives the same numbers.
-    again = evaluate.evaluate_checkpoint(c, workdir)
+    again = train_loop.evaluate_checkpoint(c, workdir)
     for k, v in again.items():
         assert v == pytest.approx(metrics[f"eval/{k}"], abs=1e-6), k
 

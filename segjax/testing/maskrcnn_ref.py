@@ -14,7 +14,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-# The torch twin of the registry's `mask_rcnn_tiny` (keep in sync with segjax.models.detection).
+# The torch twin of the registry's `mask_rcnn_tiny` (keep in sync with segjax.models.maskrcnn).
 TINY = dict(num_classes=5, fpn=32, rep=64, mask_layers=[32, 32], mask_dim=32,
             sizes=((8,), (16,), (32,), (64,), (128,)), min_size=128, max_size=192)
 

@@ -10,7 +10,7 @@ Registry variants (`segjax.models.build(name, **overrides)`):
 
 from __future__ import annotations
 
-from segjax.models.detection.mask_rcnn import MaskRCNN
+from segjax.models.maskrcnn.mask_rcnn import MaskRCNN
 
 _V2 = dict(bn_eps=1e-5, head_norm=True, rpn_conv_depth=2, box_convs=(256, 256, 256, 256))
 _TINY = dict(

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.models.detection.backbone import FrozenBatchNorm, conv
-from segjax.models.detection.rpn import bce_with_logits, smooth_l1
+from segjax.models.maskrcnn.backbone import FrozenBatchNorm, conv
+from segjax.models.maskrcnn.rpn import bce_with_logits, smooth_l1
 from segjax.ops import boxes as box_ops
 from segjax.ops import matcher
 from segjax.ops.nms import batched_nms

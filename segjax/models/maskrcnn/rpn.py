@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models.detection.backbone import conv, conv2d
+from segjax.models.maskrcnn.backbone import conv, conv2d
 from segjax.ops import boxes as box_ops
 from segjax.ops import matcher
 from segjax.ops.nms import batched_nms

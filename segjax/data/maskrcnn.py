@@ -37,7 +37,7 @@ from pycocotools import mask as mask_utils
 
 from segjax.data.decode import DecodedSource, decode_image
 from segjax.data.pipeline import _local_batch_size, _numbered, _prefetched
-from segjax.models.detection.mask_rcnn import resize_image, resized_hw  # the model's input convention
+from segjax.models.maskrcnn.mask_rcnn import resize_image, resized_hw  # the model's input convention
 
 Batch = dict[str, np.ndarray]
 _log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ import numpy as np
 
 from segjax import models
 from segjax.checkpoint import load_params
-from segjax.inference import sam_postprocess, sam_transforms
+from segjax.inference.sam import postprocess as sam_postprocess
+from segjax.inference.sam import transforms as sam_transforms
 from segjax.models.sam import ABSENT
 
 MASK_THRESHOLD = 0.0

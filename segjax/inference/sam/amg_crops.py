@@ -97,7 +97,7 @@ def box_xyxy_to_xywh(box: np.ndarray) -> np.ndarray:
 
 def mask_to_box(masks: np.ndarray) -> np.ndarray:
     """(M, H, W) bool -> (M, 4) int64 XYXY with inclusive max corner; zeros for an empty
-    mask (`batched_mask_to_box`; `sam_postprocess.mask_boxes` is the jnp twin)."""
+    mask (`batched_mask_to_box`; `postprocess.mask_boxes` is the jnp twin)."""
     masks = np.asarray(masks, bool)
     rows, cols = masks.any(axis=-1), masks.any(axis=-2)  # (M, H), (M, W)
     h, w = masks.shape[-2:]

@@ -1,8 +1,8 @@
 """Segment an image with a converted SAM checkpoint; writes masks and an overlay PNG.
 
-  python -m segjax.inference.sam_cli CKPT_DIR IMAGE --points 320,240 [400,200,0 ...] --out DIR
-  python -m segjax.inference.sam_cli CKPT_DIR IMAGE --box 100,80,420,360 [--points ...] --out DIR
-  python -m segjax.inference.sam_cli CKPT_DIR IMAGE --everything [--points-per-side 32] --out DIR
+  python -m segjax.inference.sam CKPT_DIR IMAGE --points 320,240 [400,200,0 ...] --out DIR
+  python -m segjax.inference.sam CKPT_DIR IMAGE --box 100,80,420,360 [--points ...] --out DIR
+  python -m segjax.inference.sam CKPT_DIR IMAGE --everything [--points-per-side 32] --out DIR
 
 Points are x,y[,label] in image pixels (label 1 foreground, the default; 0 background).
 With prompts, DIR gets mask_<i>.png (0/255) for each returned mask, masks.npz (masks
@@ -64,7 +64,7 @@ def _save_masks(out_dir: str, masks: np.ndarray) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m segjax.inference.sam_cli", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m segjax.inference.sam", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="segjax SAM checkpoint dir (python -m segjax.convert sam ...)")
     p.add_argument("image", help="image file (any PIL format; converted to RGB)")
     p.add_argument("--points", nargs="+", default=[], metavar="X,Y[,L]", help="point prompts")
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax.numpy as jnp
 
-    from segjax.inference.sam_amg import SamAutomaticMaskGenerator
-    from segjax.inference.sam_predictor import SamPredictor
+    from segjax.inference.sam.amg import SamAutomaticMaskGenerator
+    from segjax.inference.sam.predictor import SamPredictor
 
     image = np.asarray(Image.open(args.image).convert("RGB"))
     os.makedirs(args.out, exist_ok=True)

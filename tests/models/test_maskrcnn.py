@@ -14,16 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+from segjax.testing import importorskip
+
+torch = importorskip("torch")
+torchvision = importorskip("torchvision")
 
 from segjax import models  # noqa: E402
-from segjax.models.detection import anchors as anchor_lib  # noqa: E402
-from segjax.models.detection.backbone import frozen_patterns  # noqa: E402
-from segjax.models.detection.mask_rcnn import MaskRCNN, mask_rcnn_loss, resize_image, resized_hw  # noqa: E402
-from segjax.models.detection.roi_heads import project_masks_on_boxes  # noqa: E402
+from segjax.models.maskrcnn import anchors as anchor_lib  # noqa: E402
+from segjax.models.maskrcnn.backbone import frozen_patterns  # noqa: E402
+from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, mask_rcnn_loss, resize_image, resized_hw  # noqa: E402
+from segjax.models.maskrcnn.roi_heads import project_masks_on_boxes  # noqa: E402
 from segjax.ops import matcher  # noqa: E402
-from tests.reference.maskrcnn_ref import chelsea, det_sampler_torch, tiny_torch, to_tensor  # noqa: E402
+from segjax.testing.maskrcnn_ref import chelsea, det_sampler_torch, tiny_torch, to_tensor  # noqa: E402
 
 torch.set_num_threads(1)
 REL_TOL = 1e-4
@@ -254,7 +256,7 @@ def test_model_is_registered():
 @pytest.mark.parametrize("hw", [(11, 14), (37, 40)])  # patch matmul / per-tap slices (>= 256 outputs)
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
 def test_conv2d_custom_vjp_matches_xla(k, stride, pad, hw):
-    from segjax.models.detection.backbone import _conv_fwd_impl, conv2d
+    from segjax.models.maskrcnn.backbone import _conv_fwd_impl, conv2d
 
     rng = np.random.default_rng(k + stride)
     x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
@@ -267,7 +269,7 @@ def test_conv2d_custom_vjp_matches_xla(k, stride, pad, hw):
 
 @pytest.mark.parametrize("n_nonzero", [5, 40])  # <= K: sparse backward; > K: dense fallback
 def test_rpn_head_sparse_backward_matches_dense(n_nonzero):
-    from segjax.models.detection.rpn import _head_dense, rpn_head_level
+    from segjax.models.maskrcnn.rpn import _head_dense, rpn_head_level
 
     rng = np.random.default_rng(n_nonzero)
     f = jnp.asarray(rng.standard_normal((2, 12, 10, 8)), jnp.float32)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models.detection.backbone import FrozenBatchNorm, conv
+from segjax.models.maskrcnn.backbone import FrozenBatchNorm, conv
 
 
 def nearest_indices(out_size: int, in_size: int) -> np.ndarray:

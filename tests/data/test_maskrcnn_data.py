@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segjax.data import coco, detection
-from segjax.models.detection.mask_rcnn import resize_image
-from tests.data.coco_fixture import write_tiny_coco
+from segjax.data import coco
+from segjax.data import maskrcnn as maskrcnn_data
+from segjax.models.maskrcnn.mask_rcnn import resize_image
+from segjax.testing.coco_fixture import write_tiny_coco
 
 torch.set_num_threads(1)
 
@@ -50,7 +51,7 @@ def test_resize_matches_torch_interpolate(hw, out):
                                           mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-3)  # fp32 rounding of 0..255 values
     mask = (rng.random(hw) > 0.5).astype(np.uint8)
-    ours_m = mask[detection.nearest_indices(hw[0], out[0])][:, detection.nearest_indices(hw[1], out[1])]
+    ours_m = mask[maskrcnn_data.nearest_indices(hw[0], out[0])][:, maskrcnn_data.nearest_indices(hw[1], out[1])]
     ref_m = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=out)[0, 0].byte()
     np.testing.assert_array_equal(ours_m, ref_m.numpy())
 
@@ -62,11 +63,11 @@ def test_preprocess_equals_torchvision_transform():
     h, w = 45, 70
     boxes = [[3.0, 4.0, 30.5, 20.0], [40.0, 10.0, 69.0, 44.0]]
     rec = _box_record(5, h, w, boxes, [2, 1])
-    ex = detection.DetectionSource([rec])[0]
-    pre = detection.DetectionPreprocess(min_size=64, max_size=90, pad_size=(96, 96), max_instances=4)
+    ex = maskrcnn_data.DetectionSource([rec])[0]
+    pre = maskrcnn_data.DetectionPreprocess(min_size=64, max_size=90, pad_size=(96, 96), max_instances=4)
     out = pre(ex)
     t = GeneralizedRCNNTransform(64, 90, image_mean=[0.0] * 3, image_std=[1.0] * 3).eval()
-    masks = detection.decode_masks(rec["objects"]["rle"], h, w)
+    masks = maskrcnn_data.decode_masks(rec["objects"]["rle"], h, w)
     image_list, targets = t([torch.from_numpy(np.array(ex["image"])).permute(2, 0, 1).float()],
                             [{"boxes": torch.tensor(boxes), "labels": torch.tensor([2, 1]),
                               "masks": torch.from_numpy(masks)}])
@@ -88,22 +89,22 @@ def test_preprocess_equals_torchvision_transform():
 def test_crowd_excluded_truncation_and_category_ids():
     rec = _box_record(1, 32, 32, [[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 30, 30], [2, 2, 8, 8]], [1, 2, 3, 1],
                       iscrowd=[False, True, False, False])
-    ex = detection.DetectionSource([rec])[0]
-    out = detection.DetectionPreprocess(32, 32, (32, 32), max_instances=2)(ex)
+    ex = maskrcnn_data.DetectionSource([rec])[0]
+    out = maskrcnn_data.DetectionPreprocess(32, 32, (32, 32), max_instances=2)(ex)
     # crowd dropped first, then only the first max_instances kept
     np.testing.assert_array_equal(out["labels"], [1, 3])
     np.testing.assert_allclose(out["boxes"], [[0, 0, 10, 10], [1, 1, 30, 30]])
-    out = detection.DetectionPreprocess(32, 32, (32, 32), max_instances=4, label_key="category_id")(ex)
+    out = maskrcnn_data.DetectionPreprocess(32, 32, (32, 32), max_instances=4, label_key="category_id")(ex)
     np.testing.assert_array_equal(out["labels"], [10, 30, 10, 0])
-    no_masks = detection.DetectionPreprocess(32, 32, (32, 32), max_instances=4, with_masks=False)(ex)
+    no_masks = maskrcnn_data.DetectionPreprocess(32, 32, (32, 32), max_instances=4, with_masks=False)(ex)
     assert "masks" not in no_masks
     np.testing.assert_array_equal(no_masks["boxes"], out["boxes"])
 
 
 def test_hflip_moves_boxes_with_masks():
     rec = _box_record(1, 20, 30, [[2, 3, 9, 12]], [1])
-    ex = detection.DetectionSource([rec])[0]
-    pre = detection.DetectionPreprocess(20, 30, (20, 30), max_instances=1, hflip=True)
+    ex = maskrcnn_data.DetectionSource([rec])[0]
+    pre = maskrcnn_data.DetectionPreprocess(20, 30, (20, 30), max_instances=1, hflip=True)
     flipped = None
     for seed in range(20):
         out = pre(ex, np.random.default_rng(seed))
@@ -118,9 +119,9 @@ def test_hflip_moves_boxes_with_masks():
 
 
 def test_too_large_for_pad_is_an_error():
-    ex = detection.DetectionSource([_box_record(1, 20, 40, [[0, 0, 5, 5]], [1])])[0]
+    ex = maskrcnn_data.DetectionSource([_box_record(1, 20, 40, [[0, 0, 5, 5]], [1])])[0]
     with pytest.raises(ValueError, match="does not fit pad_size"):
-        detection.DetectionPreprocess(40, 80, (64, 64))(ex)
+        maskrcnn_data.DetectionPreprocess(40, 80, (64, 64))(ex)
 
 
 def test_training_substitutes_empty_tiny_only_and_corrupt_records(caplog):
@@ -129,15 +130,15 @@ def test_training_substitutes_empty_tiny_only_and_corrupt_records(caplog):
     crowd_only = _box_record(3, 16, 16, [[1, 1, 9, 9]], [1], iscrowd=[True])
     tiny_only = _box_record(4, 16, 16, [[1, 1, 1.5, 9]], [1])
     corrupt = {**_box_record(5, 16, 16, [[1, 1, 9, 9]], [2]), "image": b"not an image"}
-    src = detection.DetectionSource([empty, crowd_only, tiny_only, corrupt, good], require_target=True)
+    src = maskrcnn_data.DetectionSource([empty, crowd_only, tiny_only, corrupt, good], require_target=True)
     # torchvision keeps crowd-only images for training (as all-negative examples).
     assert [int(src[i]["image_id"]) for i in range(5)] == [3, 3, 1, 1, 1]
     assert (src.num_without_target, src.num_corrupt) == (2, 1)
-    crowd = detection.DetectionPreprocess(16, 16, (16, 16), max_instances=2)(src[1])
+    crowd = maskrcnn_data.DetectionPreprocess(16, 16, (16, 16), max_instances=2)(src[1])
     assert not crowd["valid"].any() and not crowd["masks"].any()
     assert "no training target" in caplog.text and "failed to decode" in caplog.text
     # Evaluation keeps empty images.
-    assert int(detection.DetectionSource([empty, good])[0]["image_id"]) == 2
+    assert int(maskrcnn_data.DetectionSource([empty, good])[0]["image_id"]) == 2
 
 
 def _tiny_source(tmp_path):
@@ -148,9 +149,9 @@ def _tiny_source(tmp_path):
 
 def test_loader_on_coco_records_is_deterministic_and_resumable(tmp_path):
     src = _tiny_source(tmp_path)
-    pre = detection.DetectionPreprocess((32, 40), 64, (64, 64), max_instances=6, hflip=True)
-    a = detection.DetectionLoader(src, pre, global_batch_size=2, seed=0)
-    b = detection.DetectionLoader(src, pre, global_batch_size=2, seed=0)
+    pre = maskrcnn_data.DetectionPreprocess((32, 40), 64, (64, 64), max_instances=6, hflip=True)
+    a = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0)
+    b = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0)
     batch = a.get_batch(3)
     assert batch["image"].shape == (2, 64, 64, 3) and batch["masks"].shape == (2, 6, 64, 64)
     assert batch["boxes"].shape == (2, 6, 4) and batch["valid"].shape == (2, 6)
@@ -175,21 +176,21 @@ def test_loader_on_coco_records_is_deterministic_and_resumable(tmp_path):
                 continue
             assert 0 <= box[0] < box[2] <= rw and 0 <= box[1] < box[3] <= rh
     # Two processes split each global batch.
-    p0 = detection.DetectionLoader(src, pre, global_batch_size=2, seed=0, process_index=0, process_count=2)
-    p1 = detection.DetectionLoader(src, pre, global_batch_size=2, seed=0, process_index=1, process_count=2)
+    p0 = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0, process_index=0, process_count=2)
+    p1 = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0, process_index=1, process_count=2)
     np.testing.assert_array_equal(np.concatenate([p0.get_batch(3)["image"], p1.get_batch(3)["image"]]),
                                   batch["image"])
 
 
 def test_eval_loader_pads_last_batch(tmp_path):
     src = _tiny_source(tmp_path)
-    pre = detection.DetectionPreprocess(32, 64, (64, 64), max_instances=6)
-    loader = detection.DetectionEvalLoader(src, pre, global_batch_size=2)
+    pre = maskrcnn_data.DetectionPreprocess(32, 64, (64, 64), max_instances=6)
+    loader = maskrcnn_data.DetectionEvalLoader(src, pre, global_batch_size=2)
     assert (loader.num_examples, len(loader)) == (3, 2)
     batches = list(loader)
     np.testing.assert_array_equal(np.concatenate([b["example_valid"] for b in batches]), [1, 1, 1, 0])
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), [0, 1, 2, 0])
     ids = np.concatenate([b["image_id"] for b in batches])[:3]
     assert sorted(ids) == [1, 2, 7]
-    assert len(detection.DetectionEvalLoader(src, pre, global_batch_size=2, max_examples=2)) == 1
+    assert len(maskrcnn_data.DetectionEvalLoader(src, pre, global_batch_size=2, max_examples=2)) == 1
     assert os.path.isdir(tmp_path / "tfds")

@@ -24,12 +24,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from segjax.inference import amg_crops, rle
-from segjax.inference.box_nms import batched_nms
-from segjax.inference.mask_regions import remove_small_regions
-from segjax.inference.sam_postprocess import mask_boxes, stability_score
-from segjax.inference.sam_predictor import MASK_THRESHOLD, SamImage, SamInputError, SamPredictor
-from segjax.inference.sam_transforms import check_image, scale_coords
+from segjax.inference.sam import amg_crops, rle
+from segjax.inference.sam.box_nms import batched_nms
+from segjax.inference.sam.mask_regions import remove_small_regions
+from segjax.inference.sam.postprocess import mask_boxes, stability_score
+from segjax.inference.sam.predictor import MASK_THRESHOLD, SamImage, SamInputError, SamPredictor
+from segjax.inference.sam.transforms import check_image, scale_coords
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 

@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models.detection import anchors as anchor_lib
-from segjax.models.detection.backbone import ResNetBody
-from segjax.models.detection.fpn import FPN
-from segjax.models.detection.roi_heads import (
+from segjax.models.maskrcnn import anchors as anchor_lib
+from segjax.models.maskrcnn.backbone import ResNetBody
+from segjax.models.maskrcnn.fpn import FPN
+from segjax.models.maskrcnn.roi_heads import (
     BOX_WEIGHTS,
     RoIHeads,
     box_postprocess,
@@ -48,7 +48,7 @@ from segjax.models.detection.roi_heads import (
     maskrcnn_loss,
     select_training_samples,
 )
-from segjax.models.detection.rpn import RPN_WEIGHTS, RPNHead, filter_proposals, rpn_loss
+from segjax.models.maskrcnn.rpn import RPN_WEIGHTS, RPNHead, filter_proposals, rpn_loss
 from segjax.ops import boxes as box_ops
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

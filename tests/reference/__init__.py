@@ -1,1 +1,0 @@
-"""PyTorch reference implementations and inputs for parity tests (test-only code)."""
