@@ -10,8 +10,9 @@ The batch (the "Mask R-CNN data" contract in the project notes):
   boxes (B, M, 4) float32 XYXY in resized pixels, labels (B, M) int32 (1..K; 0 on padding),
   masks (B, M, H, W) uint8 full-image instance masks in the padded frame,
   valid (B, M) bool,
-  and, from `DetectionEvalLoader`, example_valid (B,) bool (False on the padding
-  examples of the last batch) and index (B,) int32 (position in the split).
+  and, from `EvalLoader(DetectionSource(...), ..., valid_key="example_valid")`,
+  example_valid (B,) bool (False on the padding examples of the last batch) and
+  index (B,) int32 (position in the split).
 
 Targets follow torchvision's detection references: crowd instances are never
 targets (they stay in the evaluation ground truth); the resize is
@@ -20,23 +21,21 @@ output size floor(side * scale), bilinear without antialias for the image and
 nearest for the masks, boxes scaled by the per-axis size ratio); the training flip
 happens before the resize, as in references/detection/transforms.py.
 
-Determinism and resumption are those of `segjax.data.pipeline`: training batch
-`step` is a pure function of (seed, step, process), so the loader state is the step.
+Batches come from `segjax.data.pipeline`'s `Loader` / `EvalLoader` over a
+`DetectionSource`, so determinism and resumption are theirs: training batch `step`
+is a pure function of (seed, step, process), and the loader state is the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
-import grain
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from segjax.data.decode import DecodedSource, decode_image
-from segjax.data.pipeline import _local_batch_size, _numbered, _prefetched
 from segjax.models.maskrcnn.mask_rcnn import resize_image, resized_hw  # the model's input convention
 
 Batch = dict[str, np.ndarray]
@@ -194,77 +193,3 @@ class DetectionSource(DecodedSource):
             self._note(self._corrupt, j, f"decodes to {image.shape[:2]}, not its stored size")
             return None
         return {**record, "image": image}
-
-
-class DetectionLoader:
-    """Training batches: shuffled every epoch, augmented, infinite, random access
-    (the `segjax.data.pipeline.Loader` stream over `DetectionSource`).
-
-    Attributes:
-      num_examples: N; global_batch_size: G; local_batch_size: B = G / P.
-    """
-
-    def __init__(self, source: Sequence[dict], preprocess: Callable[[dict, np.random.Generator], Batch], *,
-                 global_batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
-                 num_threads: int = 2, prefetch: int = 2):
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
-        self.source = DetectionSource(source, require_target=True)
-        self.num_examples = len(self.source)
-        self._num_threads, self._prefetch = num_threads, prefetch
-        examples = (grain.MapDataset.source(self.source).seed(seed).shuffle().repeat()
-                    .random_map(preprocess))
-        chunks = examples.batch(self.local_batch_size, drop_remainder=True)
-        self._batches = chunks[process_index::process_count]
-
-    def get_batch(self, step: int) -> Batch:
-        """This process's rows of global batch `step` (see the module doc for keys)."""
-        if step < 0:
-            raise IndexError(f"step must be >= 0, got {step}")
-        return self._batches[step]
-
-    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, Batch]]:
-        """Yields (step, get_batch(step)) from `start_step` on, computed ahead in threads."""
-        if start_step < 0:
-            raise IndexError(f"start_step must be >= 0, got {start_step}")
-        return _numbered(start_step, _prefetched(self._batches, start_step, self._num_threads, self._prefetch))
-
-
-class DetectionEvalLoader:
-    """One ordered pass over a split in fixed-size batches, `example_valid` False on
-    the padding of the last batch (records from the start of the split), and
-    `index` the split position of every row.
-
-    Attributes:
-      num_examples: N; num_steps: ceil(N / G); local_batch_size: B.
-    """
-
-    def __init__(self, source: Sequence[dict], preprocess: Callable[[dict], Batch], *,
-                 global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                 num_threads: int = 2, prefetch: int = 2, max_examples: int | None = None):
-        """max_examples: evaluate only the first max_examples records (None: all)."""
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
-        self.source = DetectionSource(source)
-        n = len(self.source)
-        self.num_examples = n = min(n, max_examples) if max_examples else n
-        self.num_steps = math.ceil(n / global_batch_size)
-        self._num_threads, self._prefetch = num_threads, prefetch
-
-        def finish(i: int, ex: Batch) -> Batch:
-            return {**ex, "example_valid": np.asarray(i < n), "index": np.asarray(i % n, np.int32)}
-
-        padded = (grain.MapDataset.source(self.source)[:n].map(preprocess).repeat()
-                  [: self.num_steps * global_batch_size].map_with_index(finish))
-        self._batches = padded.batch(self.local_batch_size, drop_remainder=True)[process_index::process_count]
-
-    def __len__(self) -> int:
-        return self.num_steps
-
-    def get_batch(self, step: int) -> Batch:
-        if not 0 <= step < self.num_steps:
-            raise IndexError(f"step must be in [0, {self.num_steps}), got {step}")
-        return self._batches[step]
-
-    def __iter__(self) -> Iterator[Batch]:
-        return _prefetched(self._batches, 0, self._num_threads, self._prefetch)

@@ -64,6 +64,10 @@ def _numbered(start: int, batches: Iterator[Batch]) -> Iterator[tuple[int, Batch
         batches.close()
 
 
+def _decoded(source: Sequence[dict] | DecodedSource, image_key: str, label_key: str) -> DecodedSource:
+    return source if isinstance(source, DecodedSource) else DecodedSource(source, image_key, label_key)
+
+
 class Loader:
     """Training batches: shuffled every epoch, augmented, infinite, random access.
 
@@ -75,7 +79,7 @@ class Loader:
 
     def __init__(
         self,
-        source: Sequence[dict],
+        source: Sequence[dict] | DecodedSource,
         preprocess: Callable[[dict, np.random.Generator], dict],
         *,
         global_batch_size: int,
@@ -91,7 +95,8 @@ class Loader:
 
         Args:
           source: raw records (e.g. `make_source(...)`), each a dict with an image
-            (encoded bytes, PIL or array) under `image_key` and optionally a label.
+            (encoded bytes, PIL or array) under `image_key` and optionally a label;
+            or a `DecodedSource` (e.g. Mask R-CNN's `DetectionSource`), used as is.
           preprocess: (decoded example, rng) -> example of fixed-shape arrays, e.g.
             `ImagePreprocess`; rng is a per-example `np.random.Generator`.
           global_batch_size: G, summed over processes.
@@ -102,7 +107,7 @@ class Loader:
         """
         self.global_batch_size = global_batch_size
         self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
-        self._decoded = DecodedSource(source, image_key, label_key)
+        self._decoded = _decoded(source, image_key, label_key)
         self.num_examples = len(self._decoded)
         self._num_threads = num_threads
         self._prefetch = prefetch
@@ -148,11 +153,13 @@ class Loader:
 
 
 class EvalLoader:
-    """One pass over a split in order, in fixed-size batches with a `valid` mask.
+    """One pass over a split in order, in fixed-size batches with a validity mask.
 
     The last global batch is padded (with records from the start of the split) so
-    every batch has static shape; `valid` is False on padding. Global batch `step`
-    holds split indices [step*G, (step+1)*G); process p returns rows [p*B, (p+1)*B).
+    every batch has static shape; `valid_key` (default `valid`) is False on padding
+    and `index` holds each row's split position (mod N on padding). Global batch
+    `step` holds split indices [step*G, (step+1)*G); process p returns rows
+    [p*B, (p+1)*B).
 
     Attributes:
       num_examples: N.
@@ -162,7 +169,7 @@ class EvalLoader:
 
     def __init__(
         self,
-        source: Sequence[dict],
+        source: Sequence[dict] | DecodedSource,
         preprocess: Callable[[dict], dict],
         *,
         global_batch_size: int,
@@ -172,18 +179,29 @@ class EvalLoader:
         prefetch: int = 2,
         image_key: str = "image",
         label_key: str = "label",
+        max_examples: int | None = None,
+        valid_key: str = "valid",
     ):
-        """Args as `Loader`, except `preprocess` is called without an rng (no augmentation)."""
+        """Args as `Loader`, except `preprocess` is called without an rng (no augmentation).
+
+        max_examples: evaluate only the first max_examples records (None: all).
+        valid_key: the name of the per-row validity flag (Mask R-CNN batches already
+          use `valid` for instances).
+        """
         self.global_batch_size = global_batch_size
         self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
-        self._decoded = DecodedSource(source, image_key, label_key)
-        self.num_examples = n = len(self._decoded)
+        self._decoded = _decoded(source, image_key, label_key)
+        n = len(self._decoded)
+        self.num_examples = n = min(n, max_examples) if max_examples else n
         self.num_steps = math.ceil(n / global_batch_size)
         self._num_threads = num_threads
         self._prefetch = prefetch
-        examples = grain.MapDataset.source(self._decoded).map(preprocess)
-        padded = (examples.repeat()[: self.num_steps * global_batch_size]
-                  .map_with_index(lambda i, ex: {**ex, "valid": np.asarray(i < n)}))
+
+        def finish(i: int, ex: Batch) -> Batch:
+            return {**ex, valid_key: np.asarray(i < n), "index": np.asarray(i % n, np.int32)}
+
+        examples = grain.MapDataset.source(self._decoded)[:n].map(preprocess)
+        padded = examples.repeat()[: self.num_steps * global_batch_size].map_with_index(finish)
         self._batches = padded.batch(self.local_batch_size, drop_remainder=True)[process_index::process_count]
 
     @property

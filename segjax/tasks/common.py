@@ -49,13 +49,9 @@ def eval_batches(config, split: str, batch_size: int) -> Iterator[dict[str, np.n
     """Fixed-size, padded eval batches for this process, with 'valid' and the split
     'index' of every row."""
     d = config.data
-    loader = data.EvalLoader(data.make_source(d.name, split, d.get("data_dir") or None), _preprocess(config, False),
-                             global_batch_size=batch_size, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-    local = loader.local_batch_size
-    for step, batch in enumerate(loader):
-        first = step * batch_size + jax.process_index() * local
-        yield {**batch, "index": np.arange(first, first + local, dtype=np.int32)}
+    yield from data.EvalLoader(data.make_source(d.name, split, d.get("data_dir") or None),
+                               _preprocess(config, False), global_batch_size=batch_size,
+                               process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def run_eval(trainer, params, fn: Callable, split: str, batch_size: int) -> dict[str, float]:

@@ -33,6 +33,7 @@ from segjax import models
 from segjax.data import coco, shapes
 from segjax.data import maskrcnn as maskrcnn_data
 from segjax.data.decode import decode_image
+from segjax.data.pipeline import EvalLoader, Loader
 from segjax.data.source import resolve_data_dir
 from segjax.evaluators import coco as coco_eval
 from segjax.evaluators import visualize
@@ -117,10 +118,10 @@ def preprocess(config, train: bool) -> maskrcnn_data.DetectionPreprocess:
 
 
 class _ModelBatches:
-    """A DetectionLoader whose batches carry only what the train step reads (the
+    """A `Loader` over a `DetectionSource` whose batches carry only what the train step reads (the
     host-only image_id (int64) and orig_hw stay behind)."""
 
-    def __init__(self, loader: maskrcnn_data.DetectionLoader):
+    def __init__(self, loader: Loader):
         self.loader = loader
 
     def __getattr__(self, name):
@@ -141,8 +142,9 @@ class _ModelBatches:
 def make_loader(config, split, process_index, process_count):
     data_dir, name = dataset(config)
     check_num_classes(config, coco.dataset_metadata(data_dir, name))
-    loader = maskrcnn_data.DetectionLoader(
-        coco.open_split(data_dir, name, split), preprocess(config, train=True),
+    loader = Loader(
+        maskrcnn_data.DetectionSource(coco.open_split(data_dir, name, split), require_target=True),
+        preprocess(config, train=True),
         global_batch_size=config.batch_size, seed=config.seed,
         process_index=process_index, process_count=process_count)
     return _ModelBatches(loader)
@@ -189,10 +191,11 @@ def evaluate(trainer, params, workdir: str, step: int, writer) -> dict[str, floa
     data_dir, name = dataset(config)
     split = config.data.get("eval_split", "val")
     source = coco.open_split(data_dir, name, split)
-    loader = maskrcnn_data.DetectionEvalLoader(
-        source, preprocess(config, train=False), global_batch_size=config.get("eval_batch_size", config.batch_size),
+    loader = EvalLoader(
+        maskrcnn_data.DetectionSource(source), preprocess(config, train=False),
+        global_batch_size=config.get("eval_batch_size", config.batch_size),
         process_index=jax.process_index(), process_count=jax.process_count(),
-        max_examples=int(ev_cfg.get("max_images", 0)) or None)
+        max_examples=int(ev_cfg.get("max_images", 0)) or None, valid_key="example_valid")
     predict = _predict_fn(trainer)
     drawn = []
     num_draw = int(ev_cfg.get("num_draw", 8))

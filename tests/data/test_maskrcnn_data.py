@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 
 from segjax.data import coco
 from segjax.data import maskrcnn as maskrcnn_data
+from segjax.data.pipeline import EvalLoader, Loader
 from segjax.models.maskrcnn.mask_rcnn import resize_image
 from segjax.testing.coco_fixture import write_tiny_coco
 
@@ -150,8 +151,8 @@ def _tiny_source(tmp_path):
 def test_loader_on_coco_records_is_deterministic_and_resumable(tmp_path):
     src = _tiny_source(tmp_path)
     pre = maskrcnn_data.DetectionPreprocess((32, 40), 64, (64, 64), max_instances=6, hflip=True)
-    a = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0)
-    b = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0)
+    a = Loader(maskrcnn_data.DetectionSource(src, require_target=True), pre, global_batch_size=2, seed=0)
+    b = Loader(maskrcnn_data.DetectionSource(src, require_target=True), pre, global_batch_size=2, seed=0)
     batch = a.get_batch(3)
     assert batch["image"].shape == (2, 64, 64, 3) and batch["masks"].shape == (2, 6, 64, 64)
     assert batch["boxes"].shape == (2, 6, 4) and batch["valid"].shape == (2, 6)
@@ -176,8 +177,10 @@ def test_loader_on_coco_records_is_deterministic_and_resumable(tmp_path):
                 continue
             assert 0 <= box[0] < box[2] <= rw and 0 <= box[1] < box[3] <= rh
     # Two processes split each global batch.
-    p0 = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0, process_index=0, process_count=2)
-    p1 = maskrcnn_data.DetectionLoader(src, pre, global_batch_size=2, seed=0, process_index=1, process_count=2)
+    p0 = Loader(maskrcnn_data.DetectionSource(src, require_target=True), pre, global_batch_size=2, seed=0,
+                process_index=0, process_count=2)
+    p1 = Loader(maskrcnn_data.DetectionSource(src, require_target=True), pre, global_batch_size=2, seed=0,
+                process_index=1, process_count=2)
     np.testing.assert_array_equal(np.concatenate([p0.get_batch(3)["image"], p1.get_batch(3)["image"]]),
                                   batch["image"])
 
@@ -185,12 +188,12 @@ def test_loader_on_coco_records_is_deterministic_and_resumable(tmp_path):
 def test_eval_loader_pads_last_batch(tmp_path):
     src = _tiny_source(tmp_path)
     pre = maskrcnn_data.DetectionPreprocess(32, 64, (64, 64), max_instances=6)
-    loader = maskrcnn_data.DetectionEvalLoader(src, pre, global_batch_size=2)
+    loader = EvalLoader(maskrcnn_data.DetectionSource(src), pre, global_batch_size=2, valid_key="example_valid")
     assert (loader.num_examples, len(loader)) == (3, 2)
     batches = list(loader)
     np.testing.assert_array_equal(np.concatenate([b["example_valid"] for b in batches]), [1, 1, 1, 0])
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), [0, 1, 2, 0])
     ids = np.concatenate([b["image_id"] for b in batches])[:3]
     assert sorted(ids) == [1, 2, 7]
-    assert len(maskrcnn_data.DetectionEvalLoader(src, pre, global_batch_size=2, max_examples=2)) == 1
+    assert len(EvalLoader(maskrcnn_data.DetectionSource(src), pre, global_batch_size=2, max_examples=2)) == 1
     assert os.path.isdir(tmp_path / "tfds")
