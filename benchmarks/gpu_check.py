@@ -30,45 +30,15 @@ hard time limit still prints what it measured.
           0.9, lr 0.02 (--mrcnn-lr), wd 1e-4, frozen layers kept frozen on both sides.
 
 Usage:
-  PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py           # GPU, full sizes
-  JAX_PLATFORMS=cpu PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke     # tiny sizes, CPU ok
+  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py           # GPU, full sizes
+  JAX_PLATFORMS=cpu python3 benchmarks/gpu_check.py --smoke    # tiny sizes, CPU ok
   python3 benchmarks/gpu_check.py --sections roi,mae --budget 300
 
 Numbers: `ms` median wall time per call (per step for training) after warm-up calls,
 `min` the fastest; synchronised with jax.block_until_ready / torch.cuda.synchronize.
 `compile s` segjax lower + XLA compile (torch: eager, none). `img/s` = batch / median.
 
-Measured on H200 on 2026-11-26 (jax 0.11.2 CUDA 13, flax 0.12.10, torch 2.11.0+cu130,
-torchvision 0.26.0, transformers 5.17.0; one run each, 10 calls / 5 steps after warm-up):
-  section      impl                                ms      min  compile s   img/s  note
-  roi          torchvision fwd                   0.37     0.36          -       -
-  roi          torchvision fwd+bwd               1.73     1.71          -       -
-  roi          segjax gather fwd                 0.20     0.18        0.5       -  max|diff| out 9.0e-05
-  roi          segjax gather fwd+bwd             1.21     0.97        0.4       -  grad 7.0e-05 (|grad| <= 4.7)
-  roi          segjax matmul (highest) fwd       4.74     4.59        3.8       -  max|diff| out 9.0e-05
-  roi          segjax matmul (highest) fwd+bwd  10.72    10.35        4.6       -  grad 7.0e-05
-  mrcnn        torchvision model([img]) eval    52.41    49.65          -    19.1  100 dets, max score 0.318
-  mrcnn        segjax jit(model.apply) eval      7.32     6.75       11.4   136.6  100 dets, max score 0.318
-  mae          segjax fp32 (default = TF32)     37.78    37.56       20.9  1694.2  99.0 TFLOP/s
-  mae          torch fp32 (no TF32)            111.89   111.74          -   572.0  33.4 TFLOP/s, sdpa
-  mae          segjax bf16                      22.72    22.60       17.6  2817.1  164.7 TFLOP/s
-  mae          torch bf16 autocast              38.79    36.63          -  1649.8  96.4 TFLOP/s
-  mae          torch fp32 tf32                  49.12    47.84          -  1302.8  76.2 TFLOP/s
-  mae          segjax fp32 (precision highest) 105.76   105.17       70.7   605.1  35.4 TFLOP/s
-  mrcnn_train  segjax train step (batch 2)      60.23    59.79       19.8    33.2  loss nan (*)
-  mrcnn_train  torchvision train step (batch 2) 34.40    33.51          -    58.1  loss nan (*)
-  Paired by precision, segjax / torch img/s for the MAE step: TF32 1.30x, bf16 1.71x,
-  strict fp32 1.06x. The Mask R-CNN eval rows are not like for like: torchvision's
-  includes its resize/normalise transform and mask pasting into the image, segjax's
-  is the jitted network on the already padded input. RoIAlign diffs are vs
-  torchvision's CUDA kernel (vs its CPU kernel segjax is bit-exact).
-  (*) With the default XLA flags, compiling the segjax Mask R-CNN train step aborted
-  the process inside XLA (triton_tiling_propagation.cc:703 "Check failed:
-  subdim_size_accumulator == dim_size (625 vs. 50)" in GemmFusion); the train rows
-  come from a second run with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (section
-  mrcnn_train alone). Both frameworks' losses were NaN at the 7th step at lr 0.02 on
-  these random weights (the first-step loss was not printed then), so the train-step
-  times are of diverged runs and only indicative.
+Recorded figures, with date, machine and command: benchmarks/README.md.
 """
 
 from __future__ import annotations

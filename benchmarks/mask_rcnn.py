@@ -14,22 +14,11 @@ Each framework runs in its own subprocess (peak RSS attributable), one after the
 Usage:
   python benchmarks/mask_rcnn.py [--iters 3] [--skip-torch] [--skip-train]
 
-Measured 2026-11-26 14:00 UTC on the shared 2-core CPU (1-min load 1.4-1.6 during
-segjax, 1.6-1.7 during torch), --iters 2, 800x800:
-              infer s   train s   compile s (infer/train)   peak MB
-  segjax        2.68     10.61          11.3 / 42.9           7354
-  torchvision   3.18     12.56                -               2987
-  ratio: inference 1.19x faster, train step 1.18x faster; a second run (14:03, load
-  1.4-1.8): infer 2.76 / 3.52 s, train 9.95 / 13.09 s (1.32x). (First-step loss 422.4 vs
-  423.8: the samplers draw different RoIs). The train-time mask head runs on the
-  smallest RoI bucket (8, 16, ..., 128 per image) that holds every image's positives
-  (6 here: the gt boxes), exact; the RPN head's backward is sparse on the sampled
-  anchors (exact). Earlier (11:00, default exact config, state carried across steps):
-  segjax 64.0 s vs torchvision 33.3 s.
-  NOTE: every timed train step starts from the initial weights and optimizer state
-  (restored untimed): with lr 0.02 these random weights (class scores spread 40x for
-  inference) diverge (segjax's loss is NaN from the second step on), so carrying the
-  state over timed diverged networks (13:50 that way: segjax 14.1 s, torchvision 11.4 s).
+NOTE: every timed train step starts from the initial weights and optimizer state
+(restored untimed): with lr 0.02 these random weights diverge within a step or two
+(NaN loss), so timing a carried-over state would time a diverged network.
+
+Recorded figures, with date, machine and command: benchmarks/README.md.
 
 Numbers: median wall time of `--iters` timed runs after one warm-up; segjax compile
 time (first call, incl. tracing) separately; peak MB = ru_maxrss of the worker (CPU

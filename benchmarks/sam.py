@@ -24,19 +24,9 @@ peak MB: the worker's peak resident set size (getrusage).
   python benchmarks/sam.py --model vit_b --reps-image 3 --reps-predict 20
   python benchmarks/sam.py --skip-torch --dtype bfloat16
 
-Measured (2-core EPYC, idle, ViT-B, fp32, 800 x 1200, 2026-11-26 16:01-16:11, defaults):
-  set_image   segjax 6.83 s      official 11.48 s      1.68x (official 11.1-17.4 s across runs)
-  predict 1   segjax 31.3 ms     official 69.7 ms      2.23x
-  predict 64  segjax 16.8 ms/prompt  official 105.1 ms/prompt  6.25x (target: under 20 ms)
-  amg (256 points, thresholds 0)  segjax 15.3 s  official 65.3 s  4.26x
-  peak RSS segjax 4727 MB, official 3780 MB (segjax 3762-4036 MB with --reps-amg 1: the second
-  automatic-mask run raises glibc's high-water mark; the code of that morning did the same
-  in a tiny-encoder test, 3.7 -> 4.2 GB); compile 1.9-3.3 s per program.
-The machine's speed drifts by up to ~30% (other tenants): a slightly earlier build gave
-22.9 ms per prompt at 15:26 while the official predict_torch took 130.7 ms (5.71x). For
-A/B comparisons run both versions interleaved in one process.
-Earlier the same day: predict 64 at 20.6 ms/prompt (14:06), 43.8 ms before the folded
-token -> image attention and the 2-token prompt bucket; predict 1 at 40.5 / 62.5 ms.
+The machine's speed can drift between runs (other tenants); for an A/B of two segjax
+versions run both interleaved in one process. Recorded figures, with date, machine and
+command: benchmarks/README.md.
 """
 
 from __future__ import annotations

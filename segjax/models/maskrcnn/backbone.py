@@ -78,11 +78,11 @@ def _weight_grad_matmul(x, g, w_shape, stride, padding):
     One (O, N*Ho*Wo) @ (N*Ho*Wo, C) matmul per kernel tap, on a strided slice of the
     padded input, with dy^T materialised once and shared by the taps: XLA:CPU's dot
     wants the contracted axis minor in its left operand, and its transposing copies
-    are slow, so the one transposed operand is dy (1 copy, not one per tap; measured
-    2.5x faster than x-slice^T @ dy, and 1.6x faster than a (C*kh*kw)-channel patch
-    tensor on 14x14 RoIs). Written as 2-D matmuls with the transpose on the stacked
-    result: an einsum or a transposed dot lets XLA fold the transpose back into the
-    dot's operands.
+    are slow, so the one transposed operand is dy (1 copy, not one per tap as with
+    x-slice^T @ dy, and no (C*kh*kw)-channel patch tensor; both alternatives were
+    slower on RoI batches, figures in benchmarks/README.md). Written as 2-D matmuls
+    with the transpose on the stacked result: an einsum or a transposed dot lets XLA
+    fold the transpose back into the dot's operands.
     """
     kh, kw, c, o = w_shape
     n, ho, wo, _ = g.shape
@@ -104,11 +104,11 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
     """NHWC x HWIO convolution, symmetric padding; the weight gradient as a matmul.
 
     NOTE: XLA:CPU's kernel-gradient convolution is several times slower than the
-    forward (measured 10 s vs 3 s for a 3x3, 256-channel conv over 256 RoIs of 14x14),
-    so on CPU the backward pass computes dW = patches(x)^T @ dy with matmuls
-    (`_weight_grad_matmul`); dx of a stride-1 conv is a forward conv with the flipped
-    kernel, of a strided one XLA's transposed convolution. Other platforms use XLA's
-    own gradients. Values are those of `lax.conv_general_dilated`.
+    forward on RoI batches (figures in benchmarks/README.md), so on CPU the backward
+    pass computes dW = patches(x)^T @ dy with matmuls (`_weight_grad_matmul`); dx of
+    a stride-1 conv is a forward conv with the flipped kernel, of a strided one XLA's
+    transposed convolution. Other platforms use XLA's own gradients. Values are those
+    of `lax.conv_general_dilated`.
     """
     return _conv_fwd_impl(x, w, stride, padding)
 
@@ -129,7 +129,7 @@ def _conv2d_bwd(stride, padding, res, g):
         if stride == 1 and kh == kw and padding <= kh - 1:
             # dx of a stride-1 conv is the forward conv of dy with the flipped, transposed
             # kernel: XLA:CPU runs that with its fast (YNNPACK) forward kernels, while its
-            # transposed convolution is not always routed there (4x slower on RoI batches)
+            # transposed convolution is not always routed there (slower on RoI batches)
             dx = _conv_fwd_impl(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), 1, kh - 1 - padding)
         else:
             _, vjp_x = jax.vjp(lambda x: _conv_fwd_impl(x, w, stride, padding), x)
