@@ -12,7 +12,6 @@ from segjax.models.classifier import VisionTransformer
 from segjax.models.mae import MAE
 from segjax.models.maskrcnn import VARIANTS as _MASK_RCNN
 from segjax.models.maskrcnn import MaskRCNN
-from segjax.models.maskrcnn import builder as _mask_rcnn_builder
 from segjax.models.sam import Sam
 
 _VIT = {
@@ -31,9 +30,15 @@ _MAE_DECODER = {
 }
 
 
+def _tuples(x):
+    """Nested lists -> tuples: checkpoint meta is JSON (tuples come back as lists), and
+    module fields must stay hashable."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def _builder(cls, **defaults):
     def build(**overrides) -> nn.Module:
-        return cls(**{**defaults, **overrides})
+        return cls(**{k: _tuples(v) for k, v in {**defaults, **overrides}.items()})
 
     build.defaults = defaults
     return build
@@ -63,7 +68,7 @@ for _name, _sam in _SAM.items():
 
 # Mask R-CNN (torchvision maskrcnn_resnet50_fpn / _v2) and a tiny CPU variant.
 for _name, _kw in _MASK_RCNN.items():
-    MODELS[_name] = _mask_rcnn_builder(**_kw)
+    MODELS[_name] = _builder(MaskRCNN, **_kw)
 
 
 def build(name: str, **overrides) -> nn.Module:

@@ -28,17 +28,4 @@ VARIANTS = {
 }
 
 
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def builder(**defaults):
-    """Registry builder; JSON lists from checkpoint meta become the tuples the fields hold."""
-    def build(**overrides) -> MaskRCNN:
-        return MaskRCNN(**{k: _tuples(v) for k, v in {**defaults, **overrides}.items()})
-
-    build.defaults = defaults
-    return build
-
-
-__all__ = ["MaskRCNN", "VARIANTS", "builder"]
+__all__ = ["MaskRCNN", "VARIANTS"]

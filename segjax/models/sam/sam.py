@@ -60,12 +60,6 @@ class Sam(nn.Module):
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        # JSON checkpoint meta turns tuples into lists; keep the module hashable.
-        for f in ("encoder_global_attn_indexes", "pixel_mean", "pixel_std"):
-            object.__setattr__(self, f, tuple(getattr(self, f)))
-        super().__post_init__()
-
     @property
     def embedding_size(self) -> int:
         return self.img_size // self.patch_size
