@@ -46,9 +46,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from segjax.data.tfds_builder import LocalBuilder
 
 FILE_FORMAT = "array_record"
 BUILDER_NAME = "coco_format"
@@ -77,19 +78,12 @@ class CocoFormatConfig(tfds.core.BuilderConfig):
     splits: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
 
-class CocoFormat(tfds.core.GeneratorBasedBuilder):
+class CocoFormat(LocalBuilder):
     """Reads a local COCO-format dataset; registered in tfds as `coco_format`."""
 
     VERSION = tfds.core.Version(VERSION)
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Images as stored bytes, XYXY boxes, RLE masks, contiguous labels."}
-
-    # NOTE: tfds's default `code_path` probes the package through
-    # `importlib_resources`, which tfds does not install (see digits.py).
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

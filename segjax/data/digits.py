@@ -27,8 +27,9 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
+
+from segjax.data.tfds_builder import LocalBuilder
 
 NUM_CLASSES = 10
 NUM_TEST = 300
@@ -83,19 +84,11 @@ def _encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(LocalBuilder):
     """scikit-learn's 8x8 handwritten digits; registered in tfds as `digits`."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Stratified 1497/300 train/test split, seed 0."}
-
-    # NOTE: tfds's default `code_path` (used to look for a checksums file) probes the
-    # package through `importlib_resources`, which tfds does not install; the answer
-    # it would compute is this file.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -5,27 +5,21 @@ import io
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
 
 from segjax.data.pipeline import EvalLoader, Loader
 from segjax.data.preprocess import ImagePreprocess
 from segjax.data.source import make_source
+from segjax.data.tfds_builder import LocalBuilder
 
 NUM = 12
 CORRUPT = 5
 
 
-class SegjaxTestRgb(tfds.core.GeneratorBasedBuilder):
+class SegjaxTestRgb(LocalBuilder):
     """12 RGB JPEGs of varying size; record 5's bytes are not an image."""
 
     VERSION = tfds.core.Version("1.0.0")
-
-    # See segjax.data.digits.Digits.code_path: avoids tfds's importlib_resources probe.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
 
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({

@@ -1,0 +1,23 @@
+"""The base of the tfds dataset builders that segjax defines (digits, coco_format)."""
+
+from __future__ import annotations
+
+import inspect
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+
+class LocalBuilder(tfds.core.GeneratorBasedBuilder):
+    """A `GeneratorBasedBuilder` whose `code_path` is the file that defines the subclass.
+
+    NOTE: tfds's default `code_path` (where it looks for a checksums file) probes the
+    package through `importlib_resources`, which tfds does not install; the answer it
+    would compute is the defining module's file. This class is abstract, so tfds does
+    not register it as a dataset.
+    """
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
