@@ -8,6 +8,13 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+def chelsea() -> np.ndarray:
+    """(300, 451, 3) uint8 RGB: a real photo, not square (so a model's padding matters)."""
+    import skimage.data
+
+    return skimage.data.chelsea()
+
+
 def photo_batch(size: int, names: tuple[str, ...] = ("astronaut", "chelsea")) -> np.ndarray:
     """(B, size, size, 3) float32: centre-cropped, resized, ImageNet-normalised photos."""
     import skimage.data

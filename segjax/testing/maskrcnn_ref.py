@@ -14,9 +14,23 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-# The torch twin of the registry's `mask_rcnn_tiny` (keep in sync with segjax.models.maskrcnn).
-TINY = dict(num_classes=5, fpn=32, rep=64, mask_layers=[32, 32], mask_dim=32,
-            sizes=((8,), (16,), (32,), (64,), (128,)), min_size=128, max_size=192)
+from segjax import models
+from segjax.testing.images import chelsea  # noqa: F401 - re-exported for the Mask R-CNN tests
+
+# The torch twin's numbers, read from the registry's `mask_rcnn_tiny` (an unbound
+# module: no init runs).
+_T = models.build("mask_rcnn_tiny")
+TINY = dict(num_classes=_T.num_classes, fpn=_T.fpn_channels, rep=_T.representation_size,
+            mask_layers=list(_T.mask_layers), mask_dim=_T.mask_dim_reduced, sizes=_T.anchor_sizes,
+            min_size=_T.min_size, max_size=_T.max_size, depths=list(_T.depths),
+            width_per_group=_T.width_per_group,
+            rpn=dict(rpn_pre_nms_top_n_train=_T.rpn_pre_nms_top_n_train,
+                     rpn_pre_nms_top_n_test=_T.rpn_pre_nms_top_n_test,
+                     rpn_post_nms_top_n_train=_T.rpn_post_nms_top_n_train,
+                     rpn_post_nms_top_n_test=_T.rpn_post_nms_top_n_test,
+                     rpn_batch_size_per_image=_T.rpn_batch_size_per_image),
+            box=dict(box_batch_size_per_image=_T.box_batch_size_per_image,
+                     box_detections_per_img=_T.box_detections_per_img))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, cls_scale: float = 1.0) -> torch.nn.Module:
@@ -50,7 +64,7 @@ def tiny_torch(seed: int = 0, v2: bool = False, **kw) -> MaskRCNN:
     torch.manual_seed(seed)
     t = TINY
     norm = torch.nn.BatchNorm2d if v2 else FrozenBatchNorm2d
-    body = resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], width_per_group=16, norm_layer=norm)
+    body = resnet.ResNet(resnet.Bottleneck, t["depths"], width_per_group=t["width_per_group"], norm_layer=norm)
     backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
                                [256, 512, 1024, 2048], t["fpn"], norm_layer=torch.nn.BatchNorm2d if v2 else None)
     if v2:
@@ -64,11 +78,8 @@ def tiny_torch(seed: int = 0, v2: bool = False, **kw) -> MaskRCNN:
     c = t["num_classes"]
     model = MaskRCNN(
         backbone, num_classes=None, min_size=t["min_size"], max_size=t["max_size"],
-        rpn_anchor_generator=anchors, rpn_head=heads["rpn_head"],
-        rpn_pre_nms_top_n_train=300, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_train=200,
-        rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=64,
-        box_head=heads["box_head"], box_predictor=FastRCNNPredictor(t["rep"], c),
-        box_batch_size_per_image=64, box_detections_per_img=20,
+        rpn_anchor_generator=anchors, rpn_head=heads["rpn_head"], **t["rpn"],
+        box_head=heads["box_head"], box_predictor=FastRCNNPredictor(t["rep"], c), **t["box"],
         mask_head=heads["mask_head"],
         mask_predictor=MaskRCNNPredictor(t["mask_layers"][-1], t["mask_dim"], c), **kw)
     return randomize_(model.eval(), seed, cls_scale=4.0)
@@ -106,13 +117,6 @@ def r50_torch(seed: int = 0, kind: str = "coco", eps: float = 0.0, cls_scale: fl
             last.weight.div_(s)
             last.bias.div_(s)
     return model
-
-
-def chelsea() -> np.ndarray:
-    """(300, 451, 3) uint8 RGB: a real photo, not square."""
-    import skimage.data
-
-    return skimage.data.chelsea()
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

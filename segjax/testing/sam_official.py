@@ -19,11 +19,23 @@ import numpy as np
 import torch
 from torch import nn
 
-# c: prompt width; dec_heads is invisible in a state dict (8 is the official number).
-TINY = dict(img=256, patch=16, dim=64, depth=4, heads=2, window=4, global_idx=(1, 3), c=32, mask_in=16,
-            dec_depth=2, dec_mlp=64, dec_heads=8, iou_hidden=32)
-VIT_B = dict(img=1024, patch=16, dim=768, depth=12, heads=12, window=14, global_idx=(2, 5, 8, 11), c=256,
-             mask_in=16, dec_depth=2, dec_mlp=2048, dec_heads=8, iou_hidden=256)
+
+def _numbers(name: str) -> dict:
+    """The official builder's numbers of a registered SAM (read from its fields; no init).
+
+    c: prompt width; dec_heads is invisible in a state dict (8 is the official number).
+    """
+    from segjax import models
+
+    m = models.build(name)
+    return dict(img=m.img_size, patch=m.patch_size, dim=m.encoder_embed_dim, depth=m.encoder_depth,
+                heads=m.encoder_num_heads, window=m.window_size, global_idx=tuple(m.encoder_global_attn_indexes),
+                c=m.prompt_embed_dim, mask_in=m.mask_in_chans, dec_depth=m.decoder_depth, dec_mlp=m.decoder_mlp_dim,
+                dec_heads=m.decoder_num_heads, iou_hidden=m.iou_head_hidden_dim)
+
+
+TINY = _numbers("sam_vit_tiny")
+VIT_B = _numbers("sam_vit_b")
 
 
 def build_official(cfg: dict = TINY) -> nn.Module:
@@ -120,3 +132,18 @@ def save_pth(sam: nn.Module, path) -> str:
     """Writes the flat state dict (the official checkpoint layout). Returns the path."""
     torch.save(sam.state_dict(), str(path))
     return str(path)
+
+
+def converted(directory, cfg: dict = TINY, seed: int = 0) -> tuple[nn.Module, str]:
+    """(official model, segjax checkpoint dir): `make_official(cfg, seed)` saved as a
+    `.pth` in `directory` and converted there by `python -m segjax.convert sam`."""
+    import os
+
+    from segjax.convert.__main__ import main as convert_cli
+
+    official = make_official(cfg, seed=seed)
+    pth, ckpt = os.path.join(directory, "sam.pth"), os.path.join(directory, "ckpt")
+    torch.save(official.state_dict(), pth)
+    if convert_cli(["sam", pth, ckpt]) != 0:
+        raise RuntimeError(f"converting {pth} failed")
+    return official, ckpt
