@@ -85,6 +85,13 @@ def _prompts(image, n: int):
 # ----------------------------------------------------------------------------- workers
 
 
+def _time_amg(amg, image, reps: int) -> dict:
+    """The automatic mask generator's first call and `reps - 1` timed ones (same for both)."""
+    n_masks = []
+    first, t = _timed(lambda: n_masks.append(len(amg.generate(image))), reps - 1)
+    return dict(first=first, times=t, masks=n_masks[-1])
+
+
 def _worker_torch(args) -> dict:
     import numpy as np
     import torch
@@ -106,11 +113,8 @@ def _worker_torch(args) -> dict:
     tl = torch.ones(64, 1, dtype=torch.int)
     first, t = _timed(lambda: pred.predict_torch(tp, tl, multimask_output=False), max(1, args.reps_predict // 2))
     out["predict_64"] = dict(first=first, times=t)
-    amg = SamAutomaticMaskGenerator(sam, points_per_side=args.amg_points, pred_iou_thresh=0.0,
-                                    stability_score_thresh=0.0)
-    n_masks = []
-    first, t = _timed(lambda: n_masks.append(len(amg.generate(image))), args.reps_amg - 1)
-    out["amg"] = dict(first=first, times=t, masks=n_masks[-1])
+    out["amg"] = _time_amg(SamAutomaticMaskGenerator(sam, points_per_side=args.amg_points, pred_iou_thresh=0.0,
+                                                     stability_score_thresh=0.0), image, args.reps_amg)
     out["peak_mb"] = _peak_mb()
     return out
 
@@ -143,11 +147,8 @@ def _worker_segjax(args) -> dict:
     first, t = _timed(lambda: pred.predict_batch(pts[:, None], np.ones((64, 1)), multimask_output=False),
                       max(1, args.reps_predict // 2))
     out["predict_64"] = dict(first=first, times=t)
-    amg = SamAutomaticMaskGenerator(pred, points_per_side=args.amg_points, pred_iou_thresh=0.0,
-                                    stability_score_thresh=0.0)
-    n_masks = []
-    first, t = _timed(lambda: n_masks.append(len(amg.generate(image))), args.reps_amg - 1)
-    out["amg"] = dict(first=first, times=t, masks=n_masks[-1])
+    out["amg"] = _time_amg(SamAutomaticMaskGenerator(pred, points_per_side=args.amg_points, pred_iou_thresh=0.0,
+                                                     stability_score_thresh=0.0), image, args.reps_amg)
     out["peak_mb"] = _peak_mb()
     return out
 

@@ -32,9 +32,7 @@ stored in the metadata under `counts[split]`:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import io
 import json
 import logging
@@ -49,7 +47,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segjax.data.tfds_builder import LocalBuilder
+from segjax.data.tfds_builder import LocalBuilder, file_lock
 
 FILE_FORMAT = "array_record"
 BUILDER_NAME = "coco_format"
@@ -345,16 +343,6 @@ def _log_counts(name: str, split: str, counts: dict[str, int]) -> None:
               counts["annotations_in_json"], skipped or "nothing skipped")
 
 
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _check_name(name: str) -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name):
         raise ValueError(f"dataset name must match [a-z0-9][a-z0-9_]*, got {name!r}")
@@ -390,7 +378,7 @@ def prepare_coco(data_dir: str | os.PathLike, name: str,
     if builder.is_prepared():
         return builder
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f".coco_format_{name}.lock")):
+    with file_lock(os.path.join(data_dir, f".coco_format_{name}.lock")):
         builder = CocoFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
         if not builder.is_prepared():
             _log.info("Preparing coco_format/%s in %s", name, data_dir)

@@ -17,8 +17,6 @@ safe when several processes (hosts) call it at once.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import logging
 import os
@@ -29,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from segjax.data.tfds_builder import LocalBuilder
+from segjax.data.tfds_builder import LocalBuilder, file_lock
 
 NUM_CLASSES = 10
 NUM_TEST = 300
@@ -124,17 +122,6 @@ class Digits(LocalBuilder):
             yield int(i), {"image": _encode_png(to_uint8(images[i])), "label": int(labels[i])}
 
 
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """Holds an exclusive flock on `path` (created if missing) for the block."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepare_digits(data_dir: str | os.PathLike) -> Digits:
     """Writes `digits` as ArrayRecord under `data_dir` unless it is already there.
 
@@ -151,7 +138,7 @@ def prepare_digits(data_dir: str | os.PathLike) -> Digits:
     if builder.is_prepared():
         return builder
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, ".digits.lock")):
+    with file_lock(os.path.join(data_dir, ".digits.lock")):
         # Re-created under the lock: another process may have prepared it meanwhile.
         builder = Digits(data_dir=data_dir, file_format=FILE_FORMAT)
         if not builder.is_prepared():

@@ -1,8 +1,11 @@
-"""The base of the tfds dataset builders that segjax defines (digits, coco_format)."""
+"""What the tfds dataset builders that segjax defines (digits, coco_format) share."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import inspect
+from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -21,3 +24,15 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder):
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(inspect.getfile(cls))
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Holds an exclusive flock on `path` (created if missing) for the block: one
+    process prepares a dataset while the others wait."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

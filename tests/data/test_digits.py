@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 from segjax.data import digits as digits_lib
 from segjax.data.decode import decode_image
 from segjax.data.source import make_source
+from segjax.data.tfds_builder import file_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -79,7 +80,7 @@ def test_prepare_is_idempotent(digits_dir):
 def test_prepare_waits_for_the_lock(tmp_path):
     data_dir = str(tmp_path)
     done = threading.Event()
-    with digits_lib._file_lock(os.path.join(data_dir, ".digits.lock")):
+    with file_lock(os.path.join(data_dir, ".digits.lock")):
         worker = threading.Thread(target=lambda: (digits_lib.prepare_digits(data_dir), done.set()))
         worker.start()
         time.sleep(1.0)
