@@ -3,6 +3,8 @@ windowed / rel-pos pieces against the official functions, and TPU / GPU lowering
 
 from __future__ import annotations
 
+import hashlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,14 +13,8 @@ import pytest
 
 from segjax import models
 from segjax.models.sam import ABSENT
-from segjax.models.vit import (
-    cubic_resize_matrix,
-    get_rel_pos,
-    linear_resize_matrix,
-    rel_pos_attention,
-    window_partition,
-    window_unpartition,
-)
+from segjax.models.vit import get_rel_pos, rel_pos_attention, window_partition, window_unpartition
+from segjax.ops.resample import cubic_matrix, linear_matrix
 from segjax.testing import importorskip
 
 
@@ -148,11 +144,11 @@ def test_windowing_and_rel_pos_match_official():
     for n_in, n_out in ((31, 19), (7, 13), (5, 5)):
         v = torch.eye(n_in)[None]  # each column: one basis vector
         lin = F.interpolate(v, size=n_out, mode="linear")[0].T.numpy()
-        np.testing.assert_allclose(linear_resize_matrix(n_in, n_out), lin, atol=1e-6)
+        np.testing.assert_allclose(linear_matrix(n_in, n_out), lin, atol=1e-6)
     for n_in, n_out in ((16, 10), (64, 40), (14, 32)):
         v = torch.eye(n_in)[None, None]  # (1, 1, n_in, n_in): resize rows only
         cub = F.interpolate(v, size=(n_out, n_in), mode="bicubic", align_corners=False)[0, 0].numpy()
-        np.testing.assert_allclose(cubic_resize_matrix(n_in, n_out), cub, atol=1e-6)
+        np.testing.assert_allclose(cubic_matrix(n_in, n_out), cub, atol=1e-6)
 
 
 def test_other_input_size_matches_official_with_resized_pos_embed(tmp_path):
@@ -200,6 +196,31 @@ def test_full_size_variants_match_official_shapes():
         assert report.ok and len(report.used) == len(ref), report.summary()
         ours = conv._abstract_leaves(f"sam_vit_{name}", {})
         assert {k: tuple(v.shape) for k, v in flat.items()} == ours, name
+
+
+def test_parameter_tree_is_the_recorded_one():
+    """The parameter names and shapes that converters and checkpoints rely on (sam_vit_b,
+    recorded): the same through every entry point, the decoder holding every
+    hypernetwork's parameters also when it returns one mask."""
+    m = models.build("sam_vit_b")
+    s, e, c = m.img_size, m.embedding_size, m.prompt_embed_dim
+    coords, labels = jnp.zeros((1, 2, 3, 2)), jnp.ones((1, 2, 3), jnp.int32)
+
+    def listing(init):
+        tree = nn.meta.unbox(jax.eval_shape(init))["params"]
+        return sorted(f"{'/'.join(str(k.key) for k in path)} {tuple(x.shape)} {x.dtype}"
+                      for path, x in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+    full = listing(lambda: m.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.full((1, 2), s, jnp.int32),
+                                  coords, labels))
+    decoder = [x for x in full if x.startswith("mask_decoder/")]
+    for multimask in (True, False):
+        ours = listing(lambda mm=multimask: m.init(jax.random.key(0), jnp.zeros((1, e, e, c)), coords, labels,
+                                                   multimask_output=mm, method="predict_masks"))
+        assert [x for x in ours if x.startswith("mask_decoder/")] == decoder, multimask
+    assert (len(full), len(decoder)) == (314, 120)
+    digest = hashlib.sha256("\n".join(full).encode()).hexdigest()
+    assert digest == "fd8d34d26b781b666416454ec7faf5c72962f99502cf3dcf2d261926c0028434", "\n".join(full)
 
 
 # ----------------------------------------------------------------------------- lowering

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.models.sam.image_encoder import layer_norm_2d
-from segjax.models.sam.transformer import TwoWayTransformer
+from segjax.models.sam.transformer import DenseParams, TwoWayTransformer
 from segjax.models.vit import gelu_erf
 
 Dtype = Any
@@ -54,22 +54,33 @@ class PatchConvTranspose(nn.Module):
         return einops.rearrange(y, "b h w p q o -> b (h p) (w q) o")
 
 
-class MLP(nn.Module):
-    """layers_0 .. layers_{n-1} with ReLU between them. x (..., I) -> (..., output_dim)."""
+class MLPParams(nn.Module):
+    """The parameters of an MLP of `num_layers` nn.Dense layers `layers_0` ..
+    `layers_{n-1}` (widths hidden_dim, ..., output_dim) over inputs of width `in_dim`,
+    returned unapplied: [(kernel, bias)] per layer, run by `mlp`. Unapplied so that the
+    mask decoder holds every hypernetwork's parameters and runs only those of the masks
+    it returns."""
 
     hidden_dim: int
     output_dim: int
     num_layers: int
-    dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.num_layers):
-            last = i == self.num_layers - 1
-            x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype, name=f"layers_{i}")(x)
-            if not last:
-                x = nn.relu(x)
-        return x
+    def __call__(self, in_dim: int) -> list[tuple[jax.Array, jax.Array]]:
+        dims = [in_dim] + [self.hidden_dim] * (self.num_layers - 1) + [self.output_dim]
+        return [DenseParams(o, name=f"layers_{i}")(d) for i, (d, o) in enumerate(zip(dims[:-1], dims[1:]))]
+
+
+def mlp(layers: list[tuple[jax.Array, jax.Array]], x: jax.Array, dtype: Dtype) -> jax.Array:
+    """The layers (as nn.Dense computes them, in `dtype`) with ReLU between them.
+    x (..., I) -> (..., output_dim)."""
+    for i, (kernel, bias) in enumerate(layers):
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        x = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias.reshape(
+            (1,) * (x.ndim - 1) + (-1,))
+        if i < len(layers) - 1:
+            x = nn.relu(x)
+    return x
 
 
 class MaskDecoder(nn.Module):
@@ -112,23 +123,19 @@ class MaskDecoder(nn.Module):
             src = image_embeddings[:, None] + dense  # (B, P, h, w, C)
         src = src.astype(jnp.float32).reshape(b, src.shape[1], h * w, c)
         pos = image_pe.astype(jnp.float32).reshape(1, 1, h * w, c)
-        # only the masks asked for: 1..3 with multimask_output, else 0 (every hypernetwork
-        # at init, so that its parameters exist); the final attention runs for the IoU
-        # token and those mask tokens only
+        # only the masks asked for: 1..3 with multimask_output, else 0. The final attention
+        # runs for the IoU token and those mask tokens, and only their hypernetworks run
         sel = tuple(range(1, n_masks)) if multimask_output else (0,)
-        run = tuple(range(n_masks)) if self.is_initializing() else sel
         hs, src = TwoWayTransformer(self.depth, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
                                     self.ln_eps, dt, name="transformer")(
-            src, pos, tokens, mask, outputs=(0,) + tuple(1 + i for i in run))
+            src, pos, tokens, mask, outputs=(0,) + tuple(1 + i for i in sel))
         src = jnp.broadcast_to(src, (b, p, h * w, c))  # per prompt from layer 0's image -> token step on
         iou_token_out = hs[:, :, 0]  # (B, P, C)
 
         # upscaling in the blocked layout (B*P, h, w, a, b, a', b', C/8): output pixel
         # (4i + 2a + a', 4j + 2b + b'); only the masks asked for are multiplied out
-        hyper_in = jnp.stack(
-            [MLP(c, c // 8, 3, dt, name=f"output_hypernetworks_mlps_{i}")(hs[:, :, 1 + j])
-             for j, i in enumerate(run)], axis=2)
-        hyper_in = hyper_in[:, :, jnp.asarray([run.index(i) for i in sel])] if run != sel else hyper_in
+        hypernetworks = [MLPParams(c, c // 8, 3, name=f"output_hypernetworks_mlps_{i}")(c) for i in range(n_masks)]
+        hyper_in = jnp.stack([mlp(hypernetworks[i], hs[:, :, 1 + j], dt) for j, i in enumerate(sel)], axis=2)
         hyper_in = hyper_in.reshape(b * p, len(sel), c // 8)  # (B*P, M', C/8)
         up0 = PatchConvTranspose(c // 4, 2, dt, blocked=True, name="output_upscaling_0")
         ln = layer_norm_2d("output_upscaling_1")
@@ -138,7 +145,7 @@ class MaskDecoder(nn.Module):
         x = gelu_erf(up3(x))  # (B*P, h, w, 2, 2, 2, 2, C/8)
         masks = jnp.einsum("nmk,nhwabcdk->nhwabcdm", hyper_in.astype(dt), x.astype(dt)).astype(jnp.float32)
         masks = einops.rearrange(masks, "n h w a b c d m -> n m (h a c) (w b d)")
-        iou_pred = MLP(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, dt,
-                       name="iou_prediction_head")(iou_token_out).astype(jnp.float32)
+        iou_head = MLPParams(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, name="iou_prediction_head")
+        iou_pred = mlp(iou_head(c), iou_token_out, dt).astype(jnp.float32)
         masks = masks.reshape(b, p, masks.shape[1], 4 * h, 4 * w)
         return masks, iou_pred[:, :, 1:] if multimask_output else iou_pred[:, :, :1]

@@ -1,13 +1,28 @@
 """SAM's two-way transformer: prompt tokens and image tokens attend to each other.
 
-Legend: B images, P prompts per image, T tokens per prompt, L = h * w image tokens,
-C width, N heads, K head dim.
+Legend: B images, P prompts per image, T tokens per prompt (Tq queries, Tk keys), L = h * w
+image tokens, C width, I = C / downsample_rate internal width, N heads, K = I / N head dim.
 
 Prompts of one image share its image tokens: a tensor with P = 1 on the prompt axis
-broadcasts over the prompts, so the work that only depends on the image (layer 0's
-key / value projections of the image tokens) runs once per image, not once per prompt
-as in the reference (which repeats the embedding per prompt). Same arithmetic per
-element.
+broadcasts over the prompts, so the work that depends only on the image runs once per
+image, not once per prompt as in the reference (which repeats the embedding per prompt).
+
+Attention is `attention`, the paper's (segment-anything's `modeling/transformer.py`):
+project q, k, v, separate the heads, softmax(q k^T / sqrt K) v, recombine the heads,
+project out. `Attention` computes it in one of the equal forms below, chosen from the
+static shapes; each form is tested against it (tests/models/test_sam_attention.py):
+  - `attention_divide_late`: token self-attention, and token -> image attention over
+    image tokens shared by the prompts (layer 0).
+  - `image_to_token_shared_queries`: image -> token attention whose image queries are
+    shared by the prompts (layer 0).
+  - `image_to_token_folded`: image -> token attention whose image queries are per
+    prompt (the later layers).
+  - `token_to_image_folded`: token -> image attention over per-prompt image tokens
+    (the later layers and the final attention).
+With many prompts per image, the products over the L x C image tokens are most of the
+decoder's work. The folds make them products with small matrices built from the prompt
+tokens: the image tokens are never projected per prompt, and they stay the row-major
+left operand, so XLA:CPU does not transpose them.
 
 Token masking (ours): `token_mask` (B, P, T) marks the real tokens; padded ones are
 removed as keys from token self-attention and from image -> token cross-attention, so a
@@ -18,7 +33,8 @@ tokens' own outputs are meaningless and unused).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,12 +48,7 @@ def decoder_layer_norm(name: str, eps: float) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
-def _prompt_spec(x: jax.Array) -> str:
-    # 'p' when the tensor has its own prompt axis, '' when it is shared (P = 1)
-    return "p" if x.shape[1] > 1 else ""
-
-
-class _Projection(nn.Module):
+class DenseParams(nn.Module):
     """The parameters of an `nn.Dense(features)` over inputs of width `in_dim` (same
     names, shapes and init), returned unapplied: kernel (in_dim, features), bias
     (features,)."""
@@ -51,8 +62,60 @@ class _Projection(nn.Module):
         return kernel, bias
 
 
+class AttentionWeights(NamedTuple):
+    """Projections: wq, wk, wv (C, I) with bq, bk, bv (I,); wo (I, C) with bo (C,)."""
+
+    wq: jax.Array
+    bq: jax.Array
+    wk: jax.Array
+    bk: jax.Array
+    wv: jax.Array
+    bv: jax.Array
+    wo: jax.Array
+    bo: jax.Array
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, w: AttentionWeights, num_heads: int,
+              key_mask: jax.Array | None = None) -> jax.Array:
+    """The paper's attention: softmax((q Wq + bq)_n (k Wk + bk)_n^T / sqrt K) (v Wv + bv)_n
+    per head n, heads concatenated, then Wo + bo.
+
+    q (B, Pq, Tq, C), k / v (B, Pk, Tk, C) (a prompt axis of 1 broadcasts), key_mask
+    (B, Pk, Tk) bool or None (False: the key is left out) -> (B, max(Pq, Pk), Tq, C).
+    """
+    p = max(q.shape[1], k.shape[1])
+
+    def separate_heads(x):  # (B, P?, T, I) -> (B, P, N, T, K)
+        x = jnp.broadcast_to(x, (x.shape[0], p, *x.shape[2:]))
+        return x.reshape(*x.shape[:-1], num_heads, -1).swapaxes(-2, -3)
+
+    qh, kh, vh = (separate_heads(x @ wx + bx) for x, wx, bx in ((q, w.wq, w.bq), (k, w.wk, w.bk), (v, w.wv, w.bv)))
+    logits = (qh @ kh.swapaxes(-1, -2)).astype(jnp.float32) / math.sqrt(qh.shape[-1])
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    out = jax.nn.softmax(logits, axis=-1).astype(q.dtype) @ vh
+    out = out.swapaxes(-2, -3)  # (B, P, Tq, N, K)
+    return out.reshape(*out.shape[:-2], -1) @ w.wo + w.bo
+
+
+# ----------------------------------------------------------------------------- equal forms
+
+
+def _prompt_spec(x: jax.Array) -> str:
+    # 'p' when the tensor has its own prompt axis, '' when it is shared (P = 1)
+    return "p" if x.shape[1] > 1 else ""
+
+
 def _squeeze_shared(x: jax.Array) -> jax.Array:
     return x if x.shape[1] > 1 else x[:, 0]
+
+
+def _heads(x: jax.Array, kernel: jax.Array, bias: jax.Array, num_heads: int) -> jax.Array:
+    """x (B, P, T, C) projected and split: (B, P?, T, N, K), P? squeezed when shared."""
+    return _squeeze_shared((x @ kernel + bias).reshape(*x.shape[:-1], num_heads, -1))
 
 
 def _mask_logits(logits: jax.Array, key_mask: jax.Array | None, pk: str) -> jax.Array:
@@ -66,123 +129,192 @@ def _mask_logits(logits: jax.Array, key_mask: jax.Array | None, pk: str) -> jax.
     return jnp.where(m, logits, jnp.finfo(jnp.float32).min)
 
 
+def softmax_divide_late(logits: jax.Array, axis: int, product: Callable[[jax.Array], jax.Array],
+                        dtype: Dtype) -> jax.Array:
+    """product(softmax(s)) = product(exp(s - max s)) / sum exp(s - max s), for `product`
+    linear in the probabilities.
+
+    logits (float32), softmax over `axis`; product(e) contracts e's `axis` and returns
+    e's other axes in order followed by the value axis -> that, in `dtype`. The division
+    runs on the product's output (Tq K or N Tq C values) instead of on the probabilities
+    (Tq Tk or L N Tq): XLA:CPU would otherwise write the normalised probabilities once
+    more, in the layout the product reads them in.
+    """
+    e = jnp.exp(logits - logits.max(axis, keepdims=True))
+    return (product(e.astype(dtype)) / jnp.moveaxis(e.sum(axis, keepdims=True), axis, -1)).astype(dtype)
+
+
+def attention_divide_late(q: jax.Array, k: jax.Array, v: jax.Array, w: AttentionWeights, num_heads: int,
+                          key_mask: jax.Array | None = None) -> jax.Array:
+    """`attention` with the softmax's division after the value product
+    (`softmax_divide_late`): softmax(s) v = (exp(s - max s) v) / sum exp(s - max s).
+
+    Shapes as `attention`. Heads go ahead of the prompts: per head one (P Tq, K) @ (K, Tk)
+    product and one (P Tq, Tk) @ (Tk, K) back, with no transpose of the probabilities.
+    """
+    n, dt = num_heads, q.dtype
+    pq, pk = _prompt_spec(q), _prompt_spec(k)
+    po = "p" if (pq or pk) else ""
+    qh = _heads(q, w.wq, w.bq, n)  # (B, P?, Tq, N, K)
+    kh, vh = (jnp.moveaxis(_heads(x, wx, bx, n), -2, -3) for x, wx, bx in ((k, w.wk, w.bk), (v, w.wv, w.bv)))
+    logits = jnp.einsum(f"b{pq}qnk,b{pk}nsk->bn{po}qs", qh, kh).astype(jnp.float32) / math.sqrt(qh.shape[-1])
+    logits = _mask_logits(logits, key_mask, pk)  # (B, N, P?, Tq, Tk)
+    o = softmax_divide_late(logits, -1, lambda e: jnp.einsum(f"bn{po}qs,b{pk}nsk->bn{po}qk", e, vh), dt)
+    o = jnp.moveaxis(o, 1, -2)  # (B, P?, Tq, N, K)
+    out = o.reshape(*o.shape[:-2], -1) @ w.wo + w.bo
+    return out if po else out[:, None]
+
+
+def folded_value_output(logits: jax.Array, vh: jax.Array, w: AttentionWeights) -> jax.Array:
+    """Softmax over the keys, then the output projection folded into the values:
+    concat_n(p_n v_n) Wo + bo = sum_n p_n (v_n Wo_n) + bo.
+
+    logits (B, P?, L, Tk, N) unscaled, vh (B, Pk?, Tk, N, K) the projected values ->
+    (B, P, L, C). With few keys (N Tk < I) the L queries' output is one (L, N Tk) @
+    (N Tk, C) product, without an (L, I) intermediate. The (token, head) column order
+    puts the softmax over Tk on vectors of N heads instead of a short minor axis.
+    """
+    tk, n, hd = vh.shape[-3:]
+    c = w.wo.shape[1]
+    pk, po = ("p" if vh.ndim == 5 else ""), ("p" if logits.ndim == 5 else "")
+    logits = logits.astype(jnp.float32) / math.sqrt(hd)
+    probs = jax.nn.softmax(logits, axis=-2).astype(vh.dtype)  # (B, P?, L, Tk, N)
+    probs = probs.reshape(*probs.shape[:-2], tk * n)
+    vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}tnc", vh, w.wo.reshape(n, hd, c))
+    vo = vo.reshape(*vo.shape[:-3], tk * n, c)  # (B, P?, Tk N, C)
+    out = jnp.einsum(f"b{po}lm,b{pk}mc->b{po}lc", probs, vo) + w.bo
+    return out if po else out[:, None]
+
+
+def image_to_token_shared_queries(q: jax.Array, k: jax.Array, v: jax.Array, w: AttentionWeights, num_heads: int,
+                                  key_mask: jax.Array | None = None) -> jax.Array:
+    """Image -> token attention whose image queries are the same for every prompt
+    (layer 0): q_p = q for all p, so q Wq + bq is projected once per image; the output
+    through `folded_value_output`.
+
+    q (B, 1, L, C), k / v (B, P, Tk, C), key_mask (B, P, Tk) or None -> (B, P, L, C).
+    Per prompt the logits then cost L N Tk K multiply-adds (`image_to_token_folded`'s
+    cost L C N Tk, C / K times more).
+    """
+    n = num_heads
+    kh, vh = _heads(k, w.wk, w.bk, n), _heads(v, w.wv, w.bv, n)  # (B, P, Tk, N, K)
+    logits = jnp.einsum("blnk,bptnk->bpltn", _heads(q, w.wq, w.bq, n), kh)  # (B, P, L, Tk, N)
+    if key_mask is not None:
+        logits = logits + jnp.where(key_mask[:, :, None, :, None], 0.0, -jnp.inf).astype(logits.dtype)
+    return folded_value_output(logits, vh, w)
+
+
+def image_to_token_folded(q: jax.Array, k: jax.Array, v: jax.Array, w: AttentionWeights, num_heads: int,
+                          key_mask: jax.Array | None = None) -> jax.Array:
+    """Image -> token attention with the query projection folded into the keys:
+    (q Wq + bq)_n k_n^T = q (Wq_n k_n^T) + bq_n k_n^T; the output through
+    `folded_value_output`.
+
+    q (B, Pq, L, C), k / v (B, Pk, Tk, C), key_mask (B, Pk, Tk) or None -> (B, P, L, C).
+    The L image queries are never projected: per prompt ~2 L C N Tk multiply-adds
+    instead of ~2 L C I, fewer when N Tk < I. Masked keys enter as -inf in the bias row
+    bq_n k_n^T (no pass over the logits).
+    """
+    n, c = num_heads, q.shape[-1]
+    pq, pk = _prompt_spec(q), _prompt_spec(k)
+    po = "p" if (pq or pk) else ""
+    kh, vh = _heads(k, w.wk, w.bk, n), _heads(v, w.wv, w.bv, n)  # (B, P?, Tk, N, K)
+    km = None if key_mask is None else (key_mask if pk else key_mask[:, 0])
+    tk, hd = kh.shape[-3], kh.shape[-1]
+    a = jnp.einsum(f"cnk,b{pk}tnk->b{pk}ctn", w.wq.reshape(c, n, hd), kh)
+    a = a.reshape(*a.shape[:-2], tk * n)  # (B, P?, C, Tk N), columns ordered (token, head)
+    qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}tn", w.bq.reshape(n, hd), kh)  # (B, P?, Tk, N)
+    if km is not None:
+        qb = qb + jnp.where(km[..., :, None], 0.0, -jnp.inf).astype(qb.dtype)
+    qb = qb.reshape(*a.shape[:-2], 1, tk * n)
+    logits = jnp.einsum(f"b{pq}lc,b{pk}cm->b{po}lm", _squeeze_shared(q), a) + qb
+    return folded_value_output(logits.reshape(*logits.shape[:-1], tk, n), vh, w)
+
+
+def positional_logits(k_pe: jax.Array, a: jax.Array) -> jax.Array:
+    """The positional encoding's term of `token_to_image_folded`'s logits:
+    (k + pe) a = k a + pe a.
+
+    k_pe (B or 1, 1, L, C) shared by the prompts, a (B, P?, C, N Tq) -> pe a (B, P?, L,
+    N Tq): one (L, C) @ (C, P N Tq) product, with no k + pe materialised per prompt.
+    """
+    pq = "p" if a.ndim == 4 else ""
+    kp = k_pe[:, 0].astype(a.dtype)
+    kb = "" if kp.shape[0] == 1 else "b"
+    return jnp.einsum(f"{kb}lc,b{pq}cm->b{pq}lm", kp[0] if not kb else kp, a)
+
+
+def token_to_image_folded(q: jax.Array, k: jax.Array, v: jax.Array, w: AttentionWeights, num_heads: int,
+                          k_pe: jax.Array | None = None) -> jax.Array:
+    """Token -> image attention with the key projection folded into the queries and the
+    value projection after the value product:
+    softmax(q_n (k Wk + bk)_n^T / sqrt K) (v Wv + bv)_n
+    = softmax((q_n Wk_n^T) k^T / sqrt K) v Wv_n + bv_n
+    (q_n . bk_n is the same for every key, which softmax drops; the probabilities sum to 1).
+
+    q (B, Pq, Tq, C), k / v (B, Pk, L, C) with Pk = P unless Pq = 1, k_pe (B or 1, 1, L,
+    C) or None (the keys are k + k_pe; its term through `positional_logits`) ->
+    (B, P, Tq, C). The L x C image tokens are never projected; they stay the row-major
+    left operand (L, C) @ (C, N Tq); the softmax through `softmax_divide_late`.
+    """
+    n, c, dt = num_heads, q.shape[-1], q.dtype
+    pq, pk = _prompt_spec(q), _prompt_spec(k)
+    po = "p" if (pq or pk) else ""
+    if k_pe is not None and (k_pe.shape[1] > 1 or pq != po):
+        k, k_pe = k + k_pe.astype(dt), None
+    tq = q.shape[2]
+    qh = _heads(q, w.wq, w.bq, n)  # (B, P?, Tq, N, K)
+    hd = qh.shape[-1]
+    a = jnp.einsum(f"b{pq}tnk,cnk->b{pq}cnt", qh, w.wk.reshape(c, n, hd))
+    a = a.reshape(*a.shape[:-2], n * tq)  # (B, P?, C, N Tq)
+    logits = jnp.einsum(f"b{pk}lc,b{pq}cm->b{po}lm", _squeeze_shared(k), a)  # (B, P?, L, N Tq)
+    if k_pe is not None:
+        logits = logits + positional_logits(k_pe, a)
+    ctx = softmax_divide_late(logits.astype(jnp.float32) / math.sqrt(hd), -2,
+                              lambda e: jnp.einsum(f"b{po}lm,b{pk}lc->b{po}mc", e, _squeeze_shared(v)), dt)
+    ctx = ctx.reshape(*ctx.shape[:-2], n, tq, c)  # (B, P?, N, Tq, C)
+    o = jnp.einsum(f"b{po}ntc,cnk->b{po}tnk", ctx, w.wv.reshape(c, n, hd)) + w.bv.reshape(n, hd)
+    out = o.reshape(*o.shape[:-2], -1) @ w.wo + w.bo
+    return out if po else out[:, None]
+
+
 class Attention(nn.Module):
-    """Attention with separate q/k/v projections to an internal width C / downsample_rate.
+    """`attention` with q / k / v projections to the internal width I = C /
+    downsample_rate, computed in the equal form that the static shapes call for (see the
+    module docstring), or as `attention` itself with `reference`.
 
-    q (B, Pq, Tq, C), k / v (B, Pk, Tk, C), key_mask (B, Pk, Tk) bool or None ->
-    (B, max(Pq, Pk), Tq, C); Pq, Pk in {1, P} (1 broadcasts over the prompts).
-
-    Image -> token attention (Tq large, Tk small, N Tk < I: N heads, I internal width;
-    N Tk = 56 < I = 128 in SAM's decoder) folds the projections of the image side into
-    the token side (same function, other rounding): logits_n = q (Wq_n k_n^T) + bq_n k_n^T
-    and out = sum_n probs_n (v_n Wo_n) + bo, never projecting the L image queries, which
-    takes its per-prompt work from ~2 L C I to ~2 L C N Tk multiply-adds. When the image
-    queries are shared by the prompts (layer 0) they are projected once per image
-    instead, and the logits cost L N Tk K per prompt (16x less than the fold's L C N Tk);
-    the output keeps the folded v_n Wo_n.
-
-    Token -> image attention with per-prompt image tokens (layer 1 and the final
-    attention: the image side has been updated per prompt) folds the same way:
-    logits_n = (q_n Wk_n^T) k^T (q . bk is constant over the keys, which softmax drops)
-    and out_n = (probs_n v) Wv_n + bv (the probabilities sum to 1). Both products keep
-    the L x C image tokens as the row-major left operand (L, C) @ (C, N Tq), so XLA:CPU
-    never transposes them; the unfolded k / v projections of 64 prompts' 4096 tokens
-    and their head transposes were ~60% of the decoder's CPU time. Image tokens shared
-    by several prompts (layer 0) are projected once, unfolded.
+    q (B, Pq, Tq, C), k / v (B, Pk, Tk, C), key_mask (B, Pk, Tk) bool or None, k_pe
+    (B or 1, 1, Tk, C) or None (the keys are k + k_pe) -> (B, max(Pq, Pk), Tq, C);
+    Pq, Pk in {1, P} (1 broadcasts over the prompts).
     """
 
     num_heads: int
     downsample_rate: int = 1
     dtype: Dtype = jnp.float32
+    reference: bool = False
 
     @nn.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None,
                  k_pe: jax.Array | None = None) -> jax.Array:
-        """`k_pe` (B, 1, Tk, C) or None: the keys are k + k_pe. Passed apart, folded
-        token -> image attention multiplies the shared positional encoding once for all
-        prompts instead of materialising k + k_pe per prompt."""
-        c = q.shape[-1]
+        c, n, dt = q.shape[-1], self.num_heads, self.dtype
         internal = c // self.downsample_rate
-        n, dt = self.num_heads, self.dtype
         if internal % n:
             raise ValueError(f"{n} heads do not divide the internal width {internal}")
-        hd = internal // n
-        (wq, bq), (wk, bk), (wv, bv) = (_Projection(internal, name=f"{x}_proj")(c) for x in "qkv")
-        wo, bo = _Projection(c, name="out_proj")(internal)
-        wq, bq, wk, bk, wv, bv, wo, bo = (x.astype(dt) for x in (wq, bq, wk, bk, wv, bv, wo, bo))
+        (wq, bq), (wk, bk), (wv, bv) = (DenseParams(internal, name=f"{x}_proj")(c) for x in "qkv")
+        wo, bo = DenseParams(c, name="out_proj")(internal)
+        w = AttentionWeights(*(x.astype(dt) for x in (wq, bq, wk, bk, wv, bv, wo, bo)))
         q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
-        tq, tk = q.shape[2], k.shape[2]
-        pq, pk = _prompt_spec(q), _prompt_spec(k)
-        po = "p" if (pq or pk) else ""
-        folded_t2i = n * tq < internal < tk and (pk or not pq)
-        if k_pe is not None and not (folded_t2i and k_pe.shape[1] == 1 and pq == po):
-            k, k_pe = k + k_pe.astype(dt), None
-        scale = math.sqrt(hd)  # the reference divides after the matmul
-
-        def heads(x, w, bias):  # (B, P, T, C) -> (B, P?, T, N, K), P? squeezed when shared
-            return _squeeze_shared((x @ w + bias).reshape(*x.shape[:-1], n, hd))
-
-        if n * tk < internal and tq > internal:  # image -> token
-            # columns ordered (token, head): the softmax over the Tk tokens then runs on
-            # vectors of N heads instead of reducing a minor axis of length Tk
-            kh, vh = heads(k, wk, bk), heads(v, wv, bv)  # (B, P?, Tk, N, K)
-            km = None if key_mask is None else (key_mask if pk else key_mask[:, 0])
-            if pk and not pq:
-                # image queries shared by the prompts (layer 0): projected once per image
-                # (L C I multiply-adds), then L N Tk K per prompt, 16x less than the fold
-                logits = jnp.einsum("blnk,bptnk->bpltn", heads(q, wq, bq), kh)  # (B, P, L, Tk, N)
-                if km is not None:
-                    logits = logits + jnp.where(km[:, :, None, :, None], 0.0, -jnp.inf).astype(logits.dtype)
-            else:
-                a = jnp.einsum(f"cnk,b{pk}tnk->b{pk}ctn", wq.reshape(c, n, hd), kh)
-                a = a.reshape(*a.shape[:-2], tk * n)  # (B, P?, C, Tk N)
-                qb = jnp.einsum(f"nk,b{pk}tnk->b{pk}tn", bq.reshape(n, hd), kh)  # (B, P?, Tk, N)
-                if km is not None:  # masked keys: -inf in the bias row (no pass over the logits)
-                    qb = qb + jnp.where(km[..., :, None], 0.0, -jnp.inf).astype(qb.dtype)
-                qb = qb.reshape(*a.shape[:-2], 1, tk * n)
-                logits = jnp.einsum(f"b{pq}lc,b{pk}cm->b{po}lm", _squeeze_shared(q), a) + qb
-                logits = logits.reshape(*logits.shape[:-1], tk, n)
-            logits = logits.astype(jnp.float32) / scale
-            probs = jax.nn.softmax(logits, axis=-2).astype(dt)  # (B, P?, L, Tk, N)
-            probs = probs.reshape(*probs.shape[:-2], tk * n)
-            vo = jnp.einsum(f"b{pk}tnk,nkc->b{pk}tnc", vh, wo.reshape(n, hd, c))
-            vo = vo.reshape(*vo.shape[:-3], tk * n, c)  # (B, P?, Tk N, C)
-            out = jnp.einsum(f"b{po}lm,b{pk}mc->b{po}lc", probs, vo) + bo
-        elif folded_t2i:  # token -> image tokens not shared by prompts
-            qh = heads(q, wq, bq)  # (B, P?, Tq, N, K)
-            a = jnp.einsum(f"b{pq}tnk,cnk->b{pq}cnt", qh, wk.reshape(c, n, hd))
-            a = a.reshape(*a.shape[:-2], n * tq)  # (B, P?, C, N Tq)
-            # q . bk is the same for every key: softmax drops it, so it is not added
-            logits = jnp.einsum(f"b{pk}lc,b{pq}cm->b{po}lm", _squeeze_shared(k), a)  # (B, P?, L, N Tq)
-            if k_pe is not None:  # (k + pe) a = k a + pe a, the latter one product for all prompts
-                kp = k_pe[:, 0].astype(dt)
-                kb = "" if kp.shape[0] == 1 else "b"
-                logits = logits + jnp.einsum(f"{kb}lc,b{pq}cm->b{pq}lm", kp[0] if not kb else kp, a)
-            logits = logits.astype(jnp.float32) / scale
-            # softmax over the keys L, its division after the value product (on N Tq C
-            # values, not the (L, N Tq) probabilities)
-            e = jnp.exp(logits - logits.max(-2, keepdims=True))
-            ctx = jnp.einsum(f"b{po}lm,b{pk}lc->b{po}mc", e.astype(dt), _squeeze_shared(v))
-            ctx = (ctx / jnp.swapaxes(e.sum(-2, keepdims=True), -1, -2)).astype(dt)  # (B, P?, N Tq, C)
-            # the probabilities sum to 1: sum_l p_l (v_l Wv + bv) = (sum_l p_l v_l) Wv + bv
-            ctx = ctx.reshape(*ctx.shape[:-2], n, tq, c)
-            o = jnp.einsum(f"b{po}ntc,cnk->b{po}tnk", ctx, wv.reshape(c, n, hd)) + bv.reshape(n, hd)
-            out = o.reshape(*o.shape[:-2], internal) @ wo + bo
+        tq, tk, shared_q, shared_k = q.shape[2], k.shape[2], q.shape[1] == 1, k.shape[1] == 1
+        if self.reference:
+            form = attention
+        elif n * tk < internal < tq:  # image -> token: many queries, few keys
+            form = image_to_token_shared_queries if shared_q and not shared_k else image_to_token_folded
+        elif n * tq < internal < tk and key_mask is None and (shared_q or not shared_k):  # token -> per-prompt image
+            return token_to_image_folded(q, k, v, w, n, k_pe)
         else:
-            qh = heads(q, wq, bq)
-            kh, vh = (jnp.moveaxis(heads(x, w, bias), -2, -3) for x, w, bias in ((k, wk, bk), (v, wv, bv)))
-            # heads ahead of the prompts: per head one (P Tq, K) @ (K, Tk) product and
-            # (P Tq, Tk) @ (Tk, K) back. The softmax's division comes after the second
-            # product (on Tq K values instead of Tq Tk): for layer 0's 4096 shared image
-            # tokens XLA:CPU otherwise writes the normalised probabilities once more, in a
-            # transposed layout (~2x the cost of this attention at 64 prompts)
-            logits = jnp.einsum(f"b{pq}qnk,b{pk}nsk->bn{po}qs", qh, kh).astype(jnp.float32) / scale
-            logits = _mask_logits(logits, key_mask, pk)
-            e = jnp.exp(logits - logits.max(-1, keepdims=True))
-            o = jnp.einsum(f"bn{po}qs,b{pk}nsk->bn{po}qk", e.astype(dt), vh) / e.sum(-1, keepdims=True)
-            o = jnp.moveaxis(o.astype(dt), 1, -2)  # (B, P?, Tq, N, K)
-            out = o.reshape(*o.shape[:-2], internal) @ wo + bo
-        return out if po else out[:, None]
+            form = attention_divide_late
+        k = k if k_pe is None else k + k_pe.astype(dt)
+        return form(q, k, v, w, n, key_mask)
 
 
 class MLPBlock(nn.Module):
