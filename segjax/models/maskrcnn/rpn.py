@@ -127,8 +127,13 @@ class RPNHead(nn.Module):
                  for i in range(self.conv_depth)]
         cls = conv(self.num_anchors, 1, bias=True, name="cls_logits", dtype=self.dtype, kernel_init=init)
         reg = conv(4 * self.num_anchors, 1, bias=True, name="bbox_pred", dtype=self.dtype, kernel_init=init)
-        fused = self.conv_depth == 1 and not self.is_initializing()
+        fused = self.conv_depth == 1  # one custom-VJP op per level (`rpn_head_level`)
         if fused:
+            # the convs on an empty batch: no work, but it binds them (creating their
+            # parameters at init), so init and apply take the same path
+            empty = jnp.zeros((0, 1, 1, c), self.dtype)
+            for m in (*convs, cls, reg):
+                m(empty)
             p = self.variables["params"]
             ws = [p[n][k].astype(self.dtype) for n in ("conv_0", "cls_logits", "bbox_pred") for k in ("kernel", "bias")]
         logits, deltas = [], []
