@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from segjax.data import coco
+from segjax.data.tfds_builder import file_lock
 
 CLASSES = ("circle", "square", "triangle")
 SPLIT_IDS = {"train": 0, "val": 1}
@@ -199,7 +200,7 @@ def prepare_shapes(data_dir: str | os.PathLike, spec: ShapesSpec = ShapesSpec())
     if os.path.exists(os.path.join(coco.dataset_dir(data_dir, name), "dataset_info.json")):
         return name
     os.makedirs(data_dir, exist_ok=True)
-    with coco._file_lock(os.path.join(data_dir, f".shapes_{name}.lock")):
+    with file_lock(os.path.join(data_dir, f".shapes_{name}.lock")):
         splits = write_shapes_coco(os.path.join(data_dir, "shapes_coco", name), spec)
         coco.prepare_coco(data_dir, name, splits)
     return name
