@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -24,16 +25,65 @@ _log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_CORRUPT = 100
 
 
-def decode_image(value: Any) -> np.ndarray:
+# PIL modes of 16-bit samples (PNG, TIFF). Pillow reads 16-bit greyscale PNGs as "I;16"
+# (older versions as "I"); 16-bit RGB(A) and grey+alpha PNGs it reduces to 8 bits itself
+# by keeping the high byte, which is the scaling used here too.
+_MODES_16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_to_uint8(pil: Image.Image) -> np.ndarray:
+    """A PIL image of any common mode -> (H, W) greyscale or (H, W, 3) RGB uint8.
+
+    The single place where segjax turns a decoded image into 8-bit pixels (the data
+    pipeline, the COCO builder, the SAM CLI and predictor all go through it):
+      L: as is; 1 (bilevel): 0 / 255; RGB: as is;
+      16-bit greyscale (I;16, I;16B, ..., and I holding values 0..65535): the high
+        byte, v >> 8 = floor(v / 256), the scaling Pillow itself applies when it opens
+        16-bit RGB(A) PNGs as 8-bit RGB(A); so a 16-bit grey PNG and the same image
+        as 16-bit RGB give the same pixels;
+      LA / La / PA / RGBA / RGBa / P with or without transparency: the colour without
+        the alpha (no compositing; a palette is looked up);
+      CMYK, YCbCr, LAB, HSV, ...: Pillow's conversion to RGB.
+
+    Raises:
+      ValueError: float images (mode F) and 32-bit integer images with values outside
+        0..65535 (no unambiguous 8-bit scaling), or a mode Pillow cannot convert.
+    """
+    mode = pil.mode
+    if mode in ("L", "RGB"):
+        return np.asarray(pil)
+    if mode == "1":
+        return np.asarray(pil.convert("L"))
+    if mode in _MODES_16:
+        values = np.asarray(pil)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{mode} image with values {values.min()}..{values.max()} is not 8 or 16 bit "
+                             "per sample; convert it to 8-bit greyscale or RGB")
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    if mode == "F":
+        raise ValueError("32-bit float image (PIL mode F): no standard 8-bit scaling; convert it to "
+                         "8-bit greyscale or RGB")
+    if mode in ("LA", "La"):
+        return np.asarray(pil.convert("LA"))[..., 0]
+    try:
+        # RGBA keeps a palette's transparency where RGB would warn; the alpha is dropped.
+        return np.asarray(pil.convert("RGBA" if mode in ("P", "PA", "RGBA", "RGBa") else "RGB"))[..., :3]
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {e}") from e
+
+
+def decode_image(value: Any, rgb: bool = False) -> np.ndarray:
     """Decodes an encoded, PIL or array image to (H, W, C) uint8 with C in {1, 3}.
 
     Args:
-      value: bytes (PNG, JPEG, ... as PIL reads them), a `PIL.Image.Image`, or an
-        array (H, W) / (H, W, C) with C in {1, 3, 4} (uint8, or any dtype whose
+      value: bytes (PNG, JPEG, ... as PIL reads them), a `PIL.Image.Image` (see
+        `pil_to_uint8` for how every mode, 16-bit ones included, becomes 8 bits), or
+        an array (H, W) / (H, W, C) with C in {1, 3, 4} (uint8, or any dtype whose
         values are already 0..255).
+      rgb: always return 3 channels (greyscale repeated), e.g. for SAM.
 
     Returns:
-      (H, W, 1) for greyscale, else (H, W, 3) uint8; alpha is dropped.
+      (H, W, 1) for greyscale (unless `rgb`), else (H, W, 3) uint8; alpha is dropped.
 
     Raises:
       ValueError (or PIL's OSError) when `value` is not a readable image.
@@ -42,18 +92,27 @@ def decode_image(value: Any) -> np.ndarray:
         value = Image.open(io.BytesIO(value))
         value.load()  # PIL decodes lazily; force it so corruption fails here.
     if isinstance(value, Image.Image):
-        value = value if value.mode in ("L", "RGB") else value.convert("RGB")
-        value = np.asarray(value)
+        value = pil_to_uint8(value)
     image = np.asarray(value)
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
         raise ValueError(f"not an (H, W, C) image with C in (1, 3, 4): shape {image.shape}")
     if image.dtype != np.uint8:
-        if not np.issubdtype(image.dtype, np.number) or image.min() < 0 or image.max() > 255:
+        if (not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all()
+                or image.min() < 0 or image.max() > 255):
             raise ValueError(f"image of dtype {image.dtype} is not in 0..255")
         image = image.astype(np.uint8)
-    return image[:, :, :3]
+    image = image[:, :, :3]
+    if rgb and image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return image
+
+
+def read_image(path: str | os.PathLike, rgb: bool = True) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB (`decode_image` of its bytes)."""
+    with open(path, "rb") as f:
+        return decode_image(f.read(), rgb=rgb)
 
 
 class DecodedSource:

@@ -74,15 +74,61 @@ class MAEPredictor:
                 "paste": images * (1.0 - mask_px) + recon * mask_px, "mask_pixels": mask_px}
 
     def _run(self, images, noise, mask_ratio, rng) -> dict[str, np.ndarray]:
-        images = jnp.asarray(images, jnp.float32)
-        if images.ndim != 4:
-            raise ValueError(f"images must be (B, H, W, C), got {images.shape}")
+        images, noise, ratio = self.check_inputs(images, noise, mask_ratio)
         if noise is None:
             rng = jax.random.key(0) if rng is None else rng
             noise = jax.random.uniform(rng, (images.shape[0], self.model.num_patches))
-        ratio = float(self.model.mask_ratio if mask_ratio is None else mask_ratio)
-        out = self._forward(self.params, images, jnp.asarray(noise, jnp.float32), ratio)
+        out = self._forward(self.params, jnp.asarray(images), jnp.asarray(noise, jnp.float32), ratio)
         return {k: np.asarray(v) for k, v in out.items()}
+
+    def check_inputs(self, images, noise=None, mask_ratio: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """Validates a call's inputs; returns (images float32, noise float32 or None, ratio).
+
+        The model is built for one image size (its fixed position embeddings cover
+        img_size / patch_size patches a side), so images of another size are refused
+        with that size named rather than resized. Raises ValueError naming what is wrong:
+        not (B, H, W, C) with B >= 1, C the model's channels and H = W = img_size;
+        non-numeric or non-finite values; noise not (B, L) finite; mask_ratio outside
+        [0, 1) or keeping no patch visible (V = int(L * (1 - mask_ratio)) = 0).
+        mask_ratio 0 removes nothing: the outputs are defined but 'loss', a mean over
+        removed patches, is NaN there, as the reference's.
+        """
+        m = self.model
+        images = np.asarray(images)
+        if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_) or np.iscomplexobj(images):
+            raise ValueError(f"images must be real numbers, got dtype {images.dtype}")
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, H, W, {m.in_chans}), got shape {images.shape}")
+        b, h, w, c = images.shape
+        if b == 0:
+            raise ValueError(f"images is an empty batch: shape {images.shape}")
+        if c != m.in_chans:
+            raise ValueError(f"images must have {m.in_chans} channels (B, H, W, {m.in_chans}), got shape "
+                             f"{images.shape}")
+        if (h, w) != (m.img_size, m.img_size):
+            raise ValueError(f"images must be {m.img_size}x{m.img_size} (the model's img_size), got {h}x{w}: "
+                             "resize or crop them first")
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            raise ValueError("images hold non-finite values (NaN or inf)")
+        if noise is not None:
+            noise = np.asarray(noise, np.float32)
+            if noise.shape != (b, m.num_patches):
+                raise ValueError(f"noise must be (B, L) = {(b, m.num_patches)}, got {noise.shape}")
+            if not np.isfinite(noise).all():
+                raise ValueError("noise holds non-finite values (NaN or inf)")
+        ratio = m.mask_ratio if mask_ratio is None else mask_ratio
+        try:
+            ratio = float(ratio)
+        except (TypeError, ValueError):
+            raise ValueError(f"mask_ratio must be a number in [0, 1), got {ratio!r}") from None
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
+        if int(m.num_patches * (1 - ratio)) < 1:
+            raise ValueError(f"mask_ratio {ratio} keeps no patch visible (int({m.num_patches} * (1 - {ratio})) = 0 "
+                             f"of {m.num_patches})")
+        return images, noise, ratio
 
     def __call__(self, images, noise=None, mask_ratio: float | None = None,
                  rng: jax.Array | None = None) -> dict[str, np.ndarray]:
@@ -92,10 +138,13 @@ class MAEPredictor:
           images: (B, H, W, 3) float32, normalised with mean/std.
           noise: (B, L) masking noise (the V smallest are kept); drawn from `rng`
             (default key 0) when None.
-          mask_ratio: fraction of patches removed; the model's by default (0.75).
+          mask_ratio: fraction of patches removed, in [0, 1); the model's by default (0.75).
         Returns:
           {'loss': () , 'pred': (B, L, P*P*3), 'mask': (B, L) with 1 = removed}, numpy,
           as the reference's `forward` returns them.
+        Raises:
+          ValueError: bad input (see `check_inputs`), e.g. images of another size than
+            the model's img_size, an empty batch, mask_ratio outside [0, 1).
         """
         out = self._run(images, noise, mask_ratio, rng)
         return {k: out[k] for k in ("loss", "pred", "mask")}

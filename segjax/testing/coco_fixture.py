@@ -21,10 +21,11 @@ H, W = 40, 60
 
 # What the build must report for this dataset.
 EXPECTED_COUNTS = {
-    "images_in_json": 7, "images_written": 3, "missing_images": 1, "corrupt_images": 2,
+    "images_in_json": 7, "images_written": 3, "bad_image_records": 0, "missing_images": 1, "corrupt_images": 2,
     "size_mismatch_images": 1, "duplicate_images": 0, "images_without_annotations": 1,
     "annotations_in_json": 13, "annotations_written": 6, "annotations_of_skipped_images": 2,
     "crowd_annotations": 1, "degenerate_boxes": 1, "tiny_boxes": 1, "empty_masks": 0,
+    "bad_annotation_records": 0, "bad_ids": 0,
     "bad_bbox": 1, "bad_segmentation": 1, "unknown_category": 1, "unknown_image": 1,
 }
 

@@ -93,3 +93,56 @@ def test_encoder_only_checkpoint_is_refused(tmp_path):
                                         "params": "mae_encoder", "has_decoder": False})
     with pytest.raises(ValueError, match="without the MAE decoder"):
         MAEPredictor.from_checkpoint(tmp_path / "enc")
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    model = models.build("mae_vit_tiny", **KW)
+    params = random_params(abstract_params(model, np.zeros((1, 32, 32, 3), np.float32),
+                                           noise=np.zeros((1, 64), np.float32)), seed=0)
+    return MAEPredictor(model, params)
+
+
+_IMAGES = photo_batch(32)
+# Each raised a broadcasting TypeError deep in the model or returned NaN before.
+BAD_CALLS = {
+    "smaller_image": (dict(images=_IMAGES[:, :16, :16]), "must be 32x32"),
+    "larger_image": (dict(images=np.zeros((1, 64, 64, 3), np.float32)), "must be 32x32"),
+    "non_square": (dict(images=np.zeros((1, 32, 48, 3), np.float32)), "must be 32x32.*got 32x48"),
+    "indivisible": (dict(images=np.zeros((1, 30, 30, 3), np.float32)), "must be 32x32"),
+    "empty_batch": (dict(images=np.zeros((0, 32, 32, 3), np.float32)), "empty batch"),
+    "three_d": (dict(images=_IMAGES[0]), r"\(B, H, W, 3\)"),
+    "five_d": (dict(images=_IMAGES[None]), r"\(B, H, W, 3\)"),
+    "one_channel": (dict(images=_IMAGES[..., :1]), "3 channels"),
+    "four_channels": (dict(images=np.zeros((1, 32, 32, 4), np.float32)), "3 channels"),
+    "channels_first": (dict(images=_IMAGES.transpose(0, 3, 1, 2)), "3 channels"),
+    "strings": (dict(images=np.full((1, 32, 32, 3), "a")), "real numbers"),
+    "nan_pixel": (dict(images=np.where(np.arange(32)[None, :, None, None] == 3, np.nan, _IMAGES)), "non-finite"),
+    "ratio_one": (dict(images=_IMAGES, mask_ratio=1.0), r"\[0, 1\)"),
+    "ratio_above_one": (dict(images=_IMAGES, mask_ratio=1.5), r"\[0, 1\)"),
+    "ratio_negative": (dict(images=_IMAGES, mask_ratio=-0.1), r"\[0, 1\)"),
+    "ratio_nan": (dict(images=_IMAGES, mask_ratio=float("nan")), r"\[0, 1\)"),
+    "ratio_inf": (dict(images=_IMAGES, mask_ratio=float("inf")), r"\[0, 1\)"),
+    "ratio_text": (dict(images=_IMAGES, mask_ratio="most"), r"\[0, 1\)"),
+    "ratio_keeps_nothing": (dict(images=_IMAGES, mask_ratio=0.99), "keeps no patch"),
+    "noise_shape": (dict(images=_IMAGES, noise=np.zeros((2, 16), np.float32)), r"noise must be \(B, L\)"),
+    "noise_nan": (dict(images=_IMAGES, noise=np.full((2, 64), np.nan, np.float32)), "non-finite"),
+}
+
+
+@pytest.mark.parametrize("method", ["__call__", "reconstruct"])
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_inputs_are_named(tiny_predictor, case, method):
+    kwargs, match = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=match):
+        getattr(tiny_predictor, method)(**kwargs)
+
+
+def test_edge_mask_ratios(tiny_predictor):
+    """0 removes nothing (outputs finite; the loss, a mean over removed patches, is NaN
+    as the reference's); the largest ratio that keeps one patch works."""
+    out = tiny_predictor.reconstruct(_IMAGES, mask_ratio=0.0)
+    assert out["mask"].sum() == 0 and np.isfinite(out["pred"]).all() and np.isnan(out["loss"])
+    np.testing.assert_array_equal(out["paste"], _IMAGES)
+    out = tiny_predictor(_IMAGES, mask_ratio=0.98)  # int(64 * 0.02) = 1 visible patch
+    assert out["mask"].sum(1).tolist() == [63, 63] and np.isfinite(out["loss"])

@@ -223,3 +223,22 @@ def test_options_and_errors(sam):
     recs = amg.generate(photo())
     assert {tuple(r["point_coords"][0]) for r in recs} <= {(225.5, 150.0), (112.75, 225.0)}
     assert SamAutomaticMaskGenerator(predictor, points_per_side=4, pred_iou_thresh=2.0).generate(photo()) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(points_per_side=0), "points_per_side"),
+    (dict(points_per_side=-3), "points_per_side"),
+    (dict(points_per_side=2.5), "points_per_side"),
+    (dict(points_per_side=float("nan")), "points_per_side"),
+    (dict(crop_n_layers=-1), "crop_n_layers"),
+    (dict(points_per_side=None, point_grids=[np.array([[0.5, np.nan]])]), "non-finite"),
+    (dict(points_per_side=None, point_grids=[np.array([[0.5, np.inf]])]), "non-finite"),
+    (dict(points_per_side=None, point_grids=[np.zeros((0, 2))]), r"\(N, 2\)"),
+    (dict(points_per_side=None, point_grids=[np.zeros((4, 3))]), r"\(N, 2\)"),
+    (dict(points_per_side=None, point_grids=[np.array([["a", "b"]])]), "numbers"),
+    (dict(points_per_batch=0), "points_per_batch"),
+])
+def test_bad_options_are_refused(sam, kwargs, match):
+    """Each ran to an IndexError deep in the generator, or NaN prompts, before."""
+    with pytest.raises(SamInputError, match=match):
+        SamAutomaticMaskGenerator(sam[1], **kwargs)

@@ -62,3 +62,87 @@ def test_one_point_multimask_and_everything(files, capsys):
     assert n > 0 and saved["masks"].shape == (n, 300, 451) and (np.diff(saved["areas"]) <= 0).all()
     with pytest.raises(SystemExit):
         sam_cli([str(d / "ckpt"), str(d / "cat.png"), "--out", str(d / "none")])
+
+
+# Each gave NaN scores and empty masks with exit 0, a crash in the overlay drawing, a
+# numpy reshape error or an argparse usage dump before; now one line and exit 2, and
+# nothing is written.
+BAD_ARGS = {
+    "nan_point": ["--points", "nan,150"],
+    "inf_point": ["--points", "200,inf"],
+    "neg_inf_second_point": ["--points", "200,150", "3,-inf"],
+    "label_2": ["--points", "200,150,2"],
+    "label_5": ["--points", "200,150,5"],
+    "label_minus_10": ["--points", "200,150,-10"],
+    "label_half": ["--points", "200,150,0.5"],
+    "label_nan": ["--points", "200,150,nan"],
+    "point_one_number": ["--points", "200"],
+    "point_four_numbers": ["--points", "1,2,1,4"],
+    "point_words": ["--points", "x,y"],
+    "point_empty": ["--points", ""],
+    "box_3_numbers": ["--box", "1,2,3"],
+    "box_5_numbers": ["--box", "1,2,3,4,5"],
+    "box_inverted_x": ["--box", "400,40,50,280"],
+    "box_inverted_y": ["--box", "50,280,400,40"],
+    "box_nan": ["--box", "50,nan,400,280"],
+    "box_inf": ["--box", "50,40,inf,280"],
+    "box_words": ["--box", "a,b,c,d"],
+    "box_empty": ["--box", ""],
+    "box_inverted_with_point": ["--points", "200,150", "--box", "400,40,50,280"],
+    "points_per_side_0": ["--everything", "--points-per-side", "0"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_prompts_one_line_exit_2(files, capsys, case):
+    d = files
+    out = d / f"bad_{case}"
+    assert sam_cli([str(d / "ckpt"), str(d / "cat.png"), *BAD_ARGS[case], "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + bytes(20)],
+                         ids=["empty", "text", "truncated_png"])
+def test_unreadable_image_one_line_exit_2(files, capsys, tmp_path, content):
+    (tmp_path / "bad.png").write_bytes(content)
+    for image in (tmp_path / "bad.png", tmp_path / "missing.png"):
+        assert sam_cli([str(files / "ckpt"), str(image), "--points", "1,1", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and str(image) in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_area_box_is_accepted(files, capsys):
+    """The reference accepts x0 == x1 or y0 == y1; so do the CLI and its overlay."""
+    d = files
+    assert sam_cli([str(d / "ckpt"), str(d / "cat.png"), "--box", "100,40,100,280", "--points", "100,150,-1",
+                    "--out", str(d / "zero")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["masks"] == 1
+    assert (d / "zero" / "overlay.png").exists()
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4], ids=["grey16", "rgb16", "rgba16"])
+def test_16_bit_png_is_scaled_not_white(files, capsys, tmp_path, channels):
+    from segjax.testing.png import png_bytes
+
+    d = files
+    cat = np.asarray(Image.open(d / "cat.png").convert("RGB"))
+    rng = np.random.default_rng(channels)
+    eight = cat[..., :1] if channels == 1 else cat
+    v16 = eight.astype(np.uint16) * 256 + rng.integers(0, 256, eight.shape, dtype=np.uint16)  # >> 8 == eight
+    if channels == 4:
+        v16 = np.concatenate([v16, np.full(v16.shape[:2] + (1,), 40000, np.uint16)], -1)
+    (tmp_path / "cat16.png").write_bytes(png_bytes(v16))
+    args = ["--points", "200,150", "--box", "50,40,400,280"]
+    assert sam_cli([str(d / "ckpt"), str(tmp_path / "cat16.png"), *args, "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    saved = np.load(tmp_path / "o" / "masks.npz")["masks"]
+    pred = SamPredictor.from_checkpoint(d / "ckpt")
+    pred.set_image(np.ascontiguousarray(np.broadcast_to(eight, cat.shape)))
+    masks, _, _ = pred.predict(np.array([[200.0, 150.0]]), np.array([1]), np.array([50.0, 40.0, 400.0, 280.0]),
+                               multimask_output=False)
+    np.testing.assert_array_equal(saved, masks)

@@ -91,28 +91,6 @@ def test_upscale_matches_postprocess_masks(sam, input_size, original_size):
     assert rel_err(ours, ref) < 1e-6
 
 
-@pytest.mark.parametrize("n_in,n_out", [(64, 256), (170, 300), (256, 451), (683, 800), (1024, 333), (300, 17)])
-def test_linear_taps_bit_exact(n_in, n_out):
-    """The interpolation weights are torch's to the bit (interpolating one-hot rows)."""
-    eye = torch.eye(n_in).reshape(n_in, 1, 1, n_in)
-    ref = torch.nn.functional.interpolate(eye, (1, n_out), mode="bilinear", align_corners=False)
-    ref = ref.reshape(n_in, n_out).numpy()
-    i0, i1, w0, w1 = sam_postprocess.linear_taps(n_in, n_out)
-    ours = np.zeros((n_in, n_out), np.float32)
-    np.add.at(ours, (i0, np.arange(n_out)), w0)
-    np.add.at(ours, (i1, np.arange(n_out)), w1)
-    np.testing.assert_array_equal(ours, ref)
-
-
-def test_resize_bilinear_matches_torch_interpolate():
-    x = np.random.default_rng(2).standard_normal((2, 7, 13)).astype(np.float32)
-    for out in [(7, 13), (20, 41), (3, 5), (7, 4), (16, 13)]:
-        ref = torch.nn.functional.interpolate(torch.from_numpy(x)[None], out, mode="bilinear",
-                                              align_corners=False)[0].numpy()
-        np.testing.assert_allclose(np.asarray(sam_postprocess.resize_bilinear(jnp.asarray(x), out)), ref,
-                                   rtol=0, atol=1e-6)
-
-
 def test_buckets():
     assert [bucket(n, (1, 8, 16, 32, 64)) for n in (1, 2, 8, 9, 64, 65, 200)] == [1, 8, 8, 16, 64, 128, 256]
     assert [token_bucket(t) for t in (0, 1, 2, 3, 5, 8, 9, 17)] == [2, 2, 2, 4, 8, 8, 16, 32]
@@ -236,6 +214,133 @@ def test_errors_like_reference(sam):
                      mask_input=np.zeros((1, 32, 32), np.float32))
     with pytest.raises(SamInputError, match="boxes"):
         ours.predict_batch(point_coords=np.zeros((2, 1, 2)), point_labels=np.ones((2, 1)), boxes=np.zeros((3, 4)))
+
+
+# ----------------------------------------------------------------------------- hostile prompts
+
+_P1 = np.array([[200.0, 150.0]])
+_BOX = np.array([50.0, 40.0, 400.0, 280.0])
+# predict(**kwargs) -> SamInputError whose message matches; each gave NaN scores, empty
+# masks, a reshape error or an unchecked token before the checks existed.
+HOSTILE_PREDICT = {
+    "nan_x": (dict(point_coords=np.array([[np.nan, 150.0]]), point_labels=[1]), "non-finite"),
+    "huge_box": (dict(box=np.array([0.0, 0.0, 1e300, 1e300])), "non-finite"),
+    "inf_y": (dict(point_coords=np.array([[200.0, np.inf]]), point_labels=[1]), "non-finite"),
+    "neg_inf_second_point": (dict(point_coords=np.array([[1.0, 2.0], [-np.inf, 3.0]]), point_labels=[1, 0]),
+                             "non-finite"),
+    "huge_overflows_float32": (dict(point_coords=np.array([[1e300, 3.0]]), point_labels=[1]), "non-finite"),
+    "label_2": (dict(point_coords=_P1, point_labels=[2]), "labels must be 1"),
+    "label_3": (dict(point_coords=_P1, point_labels=[3]), "labels must be 1"),
+    "label_5": (dict(point_coords=_P1, point_labels=[5]), "labels must be 1"),
+    "label_absent": (dict(point_coords=_P1, point_labels=[-10]), "labels must be 1"),
+    "label_half": (dict(point_coords=_P1, point_labels=[0.5]), "labels must be 1"),
+    "label_nan": (dict(point_coords=_P1, point_labels=[np.nan]), "non-finite"),
+    "too_few_labels": (dict(point_coords=np.array([[1.0, 2.0], [3.0, 4.0]]), point_labels=[1]), "one label each"),
+    "too_many_labels": (dict(point_coords=_P1, point_labels=[1, 1]), "one label each"),
+    "coords_1d": (dict(point_coords=np.array([200.0, 150.0]), point_labels=[1]), r"\(N, 2\)"),
+    "coords_xyz": (dict(point_coords=np.array([[1.0, 2.0, 3.0]]), point_labels=[1]), r"\(N, 2\)"),
+    "coords_strings": (dict(point_coords=np.array([["200", "150"]]), point_labels=[1]), "numbers"),
+    "coords_ragged": (dict(point_coords=[[1.0, 2.0], [3.0]], point_labels=[1, 1]), "numeric"),
+    "labels_strings": (dict(point_coords=_P1, point_labels=["fg"]), "numbers"),
+    "no_points_no_box": (dict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0)), "empty prompt"),
+    "box_3_numbers": (dict(box=np.array([1.0, 2.0, 3.0])), "length-4"),
+    "box_5_numbers": (dict(box=np.arange(5.0)), "length-4"),
+    "box_2x4": (dict(box=np.zeros((2, 4))), "length-4"),
+    "box_nan": (dict(box=np.array([1.0, np.nan, 30.0, 40.0])), "non-finite"),
+    "box_inf": (dict(box=np.array([1.0, 2.0, np.inf, 40.0])), "non-finite"),
+    "box_inverted_x": (dict(box=np.array([400.0, 40.0, 50.0, 280.0])), "x0 <= x1"),
+    "box_inverted_y": (dict(box=np.array([50.0, 280.0, 400.0, 40.0])), "x0 <= x1"),
+    "box_inverted_with_points": (dict(box=np.array([400.0, 40.0, 50.0, 280.0]), point_coords=_P1,
+                                      point_labels=[1]), "x0 <= x1"),
+    "box_strings": (dict(box=np.array(["1", "2", "3", "4"])), "numbers"),
+    "mask_input_nan": (dict(point_coords=_P1, point_labels=[1], mask_input=np.full((1, 64, 64), np.nan, np.float32)),
+                       "non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_PREDICT))
+def test_predict_rejects_hostile_prompts(sam, case):
+    _, _, _, ours = sam
+    kwargs, match = HOSTILE_PREDICT[case]
+    with pytest.raises(SamInputError, match=match):
+        ours.predict(**kwargs)
+
+
+HOSTILE_BATCH = {
+    "nan_in_second_prompt": (dict(point_coords=[_P1, np.array([[1.0, np.nan]])], point_labels=[[1], [1]]),
+                             "prompt 1: point coords holds non-finite"),
+    "label_in_ragged_list": (dict(point_coords=[_P1, _P1], point_labels=[[1], [7]]), "prompt 1: point labels"),
+    "label_counts": (dict(point_coords=np.zeros((2, 3, 2)), point_labels=np.ones((2, 2))), "one label each"),
+    "coords_not_3d": (dict(point_coords=np.zeros((3, 2)), point_labels=np.ones((3, 1))), r"\(P, N, 2\)"),
+    "sets_vs_label_sets": (dict(point_coords=np.zeros((2, 1, 2)), point_labels=np.ones((3, 1))), "label sets"),
+    "empty_point_set": (dict(point_coords=[_P1, np.zeros((0, 2))], point_labels=[[1], []]), "empty prompt"),
+    "boxes_1d": (dict(boxes=np.array([1.0, 2.0, 3.0, 4.0])), r"\(P, 4\)"),
+    "boxes_3_columns": (dict(boxes=np.zeros((2, 3))), r"\(P, 4\)"),
+    "boxes_one_inverted": (dict(boxes=np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 5.0, 1.0]])), "x0 <= x1"),
+    "boxes_nan": (dict(boxes=np.array([[1.0, 2.0, 3.0, np.nan]])), "non-finite"),
+    "boxes_vs_point_sets": (dict(point_coords=np.zeros((2, 1, 2)), point_labels=np.ones((2, 1)),
+                                 boxes=np.zeros((3, 4))), "boxes"),
+    "no_prompts": (dict(boxes=np.zeros((0, 4))), "no prompts"),
+    "mask_input_inf": (dict(boxes=np.zeros((1, 4)), mask_input=np.full((1, 1, 64, 64), np.inf)), "non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_BATCH))
+def test_predict_batch_rejects_hostile_prompts(sam, case):
+    _, _, _, ours = sam
+    kwargs, match = HOSTILE_BATCH[case]
+    with pytest.raises(SamInputError, match=match):
+        ours.predict_batch(**kwargs)
+
+
+@pytest.mark.parametrize("coords, labels", [
+    (np.full((1, 2, 2), np.nan, np.float32), np.array([[1, -1]])),
+    (np.zeros((1, 2, 2), np.float32), np.array([[1, 4]])),
+    (np.zeros((1, 2, 2), np.float32), np.array([[1, -1, 0]])),
+])
+def test_decode_rejects_bad_tokens(sam, coords, labels):
+    with pytest.raises(SamInputError):
+        sam[3].decode(coords, labels)
+
+
+@pytest.mark.parametrize("case", ["zero_width_box", "zero_height_box", "point_box", "not_a_point_label",
+                                  "float_and_bool_labels", "points_outside_image"])
+def test_edge_prompts_accepted_like_reference(sam, case):
+    """Accepted inputs at the edge of the checks give the reference's output."""
+    _, ref, _, ours = sam
+    kwargs = {
+        "zero_width_box": dict(box=np.array([100.0, 40.0, 100.0, 280.0])),
+        "zero_height_box": dict(box=np.array([50.0, 120.0, 400.0, 120.0])),
+        "point_box": dict(box=np.array([200.0, 150.0, 200.0, 150.0])),
+        "not_a_point_label": dict(point_coords=np.array([[200.0, 150.0], [10.0, 10.0]]),
+                                  point_labels=np.array([1, -1])),
+        "float_and_bool_labels": dict(point_coords=np.array([[200.0, 150.0], [300.0, 100.0]]),
+                                      point_labels=np.array([1.0, 0.0])),
+        "points_outside_image": dict(point_coords=np.array([[-20.0, 150.0], [600.0, 400.0]]),
+                                     point_labels=np.array([1, 0])),
+    }[case]
+    m, iou, low = ours.predict(**kwargs, multimask_output=False)
+    m_ref, iou_ref, low_ref = ref.predict(**kwargs, multimask_output=False)
+    assert np.isfinite(low).all() and np.isfinite(iou).all()
+    assert rel_err(low, low_ref) < REL_TOL and rel_err(iou, iou_ref) < REL_TOL
+    assert mask_iou(m[0], m_ref[0]) >= 0.99
+    if case == "float_and_bool_labels":  # bool labels read as 1 / 0
+        m2, _, _ = ours.predict(kwargs["point_coords"], np.array([True, False]), multimask_output=False)
+        np.testing.assert_array_equal(m2, m)
+
+
+def test_set_image_takes_pil_images_of_any_mode(sam):
+    """A PIL image goes through segjax.data.decode: a 16-bit greyscale one is scaled
+    (v >> 8), not clipped to white."""
+    from PIL import Image
+
+    _, _, ckpt, _ = sam
+    grey16 = photo()[..., 0].astype(np.uint16) * 256 + 200  # >> 8 is the 8-bit image
+    pred = SamPredictor.from_checkpoint(ckpt)
+    pred.set_image(Image.fromarray(grey16))
+    other = SamPredictor.from_checkpoint(ckpt)
+    other.set_image(np.repeat(photo()[..., :1], 3, axis=-1))
+    np.testing.assert_array_equal(pred.get_image_embedding(), other.get_image_embedding())
 
 
 def test_bf16_option_builds(sam):

@@ -29,7 +29,7 @@ from segjax.inference.sam.box_nms import batched_nms
 from segjax.inference.sam.mask_regions import remove_small_regions
 from segjax.inference.sam.postprocess import mask_boxes, stability_score
 from segjax.inference.sam.predictor import MASK_THRESHOLD, SamImage, SamInputError, SamPredictor
-from segjax.inference.sam.transforms import check_image, scale_coords
+from segjax.inference.sam.transforms import check_image, numeric_array, scale_coords
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -50,11 +50,19 @@ class SamAutomaticMaskGenerator:
                  min_mask_region_area: int = 0, output_mode: str = "binary_mask", params: Any = None) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise SamInputError("Exactly one of points_per_side or point_grid must be provided.")
+        if not _is_int(crop_n_layers, 0):
+            raise SamInputError(f"crop_n_layers must be an integer >= 0, got {crop_n_layers}")
         if points_per_side is not None:
+            if not _is_int(points_per_side, 1):
+                raise SamInputError(f"points_per_side must be an integer >= 1, got {points_per_side}")
             self.point_grids = amg_crops.build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor)
         else:
-            self.point_grids = [np.asarray(g, np.float64) for g in point_grids]
+            self.point_grids = [numeric_array(g, f"point_grids[{i}]") for i, g in enumerate(point_grids)]
+            for i, g in enumerate(self.point_grids):
+                if g.ndim != 2 or g.shape[-1] != 2 or len(g) == 0:
+                    raise SamInputError(f"point_grids[{i}] must be (N, 2) with N >= 1 points (x, y) in [0, 1], "
+                                        f"got shape {g.shape}")
         if len(self.point_grids) < crop_n_layers + 1:
             raise SamInputError(f"{len(self.point_grids)} point grids for {crop_n_layers + 1} crop layers")
         if output_mode not in OUTPUT_MODES:
@@ -85,9 +93,9 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         # NOTE: scoring is a program of its own, after the predictor's upscaling ones, on
-        # purpose. Fused into one, XLA:CPU (jax 0.10) turns the upscaling gathers plus
-        # several consumers (threshold, counts, boxes) into a fusion ~20x slower than
-        # materialising the logits in between.
+        # purpose. Fused into one, XLA:CPU (seen with jax 0.10) turns the upscaling
+        # gathers plus several consumers (threshold, counts, boxes) into a fusion much
+        # slower than materialising the logits in between (benchmarks/README.md).
         self._score = jax.jit(self._score_impl)
 
     # ------------------------------------------------------------------ device part
@@ -218,6 +226,14 @@ class SamAutomaticMaskGenerator:
                 data["rles"][i] = rle.masks_to_rle(masks[i:i + 1])[0]
                 data["boxes"][i] = boxes[i]
         return _take(data, keep)
+
+
+def _is_int(value: Any, low: int) -> bool:
+    """value is an integer (any int-valued number) >= low."""
+    try:
+        return int(value) == value and value >= low
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _cat(parts: list[dict[str, Any]]) -> dict[str, Any]:

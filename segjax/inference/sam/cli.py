@@ -4,7 +4,12 @@
   python -m segjax.inference.sam CKPT_DIR IMAGE --box 100,80,420,360 [--points ...] --out DIR
   python -m segjax.inference.sam CKPT_DIR IMAGE --everything [--points-per-side 32] --out DIR
 
-Points are x,y[,label] in image pixels (label 1 foreground, the default; 0 background).
+Points are x,y[,label] in image pixels (label 1 foreground, the default; 0 background;
+-1 "not a point", as the official prompt encoder reads it). Bad input (a file that is not
+an image, a non-number, NaN or inf, another label, a box that is not 4 numbers or has
+x1 < x0 or y1 < y0) prints one line "error: ..." and exits 2; a zero-width or
+zero-height box is accepted, as the reference accepts it. 16-bit and other non-8-bit
+images are converted by `segjax.data.decode.decode_image` (16-bit: the high byte).
 With prompts, DIR gets mask_<i>.png (0/255) for each returned mask, masks.npz (masks
 (M, H, W) bool, scores (M,), low_res_logits) and overlay.png (masks coloured, points and
 box drawn). With --everything: mask_<i>.png by decreasing area, masks.npz (masks,
@@ -22,12 +27,42 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from segjax.inference.sam.transforms import POINT_LABELS, SamInputError
+
+
+class _InputError(ValueError):
+    """A bad command-line value: one line on stderr, exit status 2."""
+
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
-    vals = [float(v) for v in text.split(",")]
+    """'1,2.5,...' -> finite floats, `n` of them."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise _InputError(f"{what} takes comma-separated numbers, got {text!r}") from None
     if len(vals) not in n:
-        raise argparse.ArgumentTypeError(f"{what} needs {' or '.join(map(str, n))} comma-separated numbers: {text!r}")
+        raise _InputError(f"{what} needs {' or '.join(map(str, n))} comma-separated numbers, got {text!r}")
+    if not all(np.isfinite(vals)):
+        raise _InputError(f"{what} needs finite numbers, got {text!r}")
     return vals
+
+
+def _point(text: str) -> tuple[list[float], int]:
+    """'x,y[,label]' -> ([x, y], label) with label in {1, 0, -1} (default 1)."""
+    vals = _floats(text, (2, 3), "--points")
+    if len(vals) == 2:
+        return vals, 1
+    if vals[2] not in POINT_LABELS:
+        raise _InputError(f"--points label must be 1 (foreground), 0 (background) or -1 (not a point), "
+                          f"got {text!r}")
+    return vals[:2], int(vals[2])
+
+
+def _box(text: str) -> list[float]:
+    box = _floats(text, (4,), "--box")
+    if box[2] < box[0] or box[3] < box[1]:
+        raise _InputError(f"--box is X0,Y0,X1,Y1 with X0 <= X1 and Y0 <= Y1, got {text!r}")
+    return box
 
 
 def colors(n: int, seed: int = 0) -> np.ndarray:
@@ -82,22 +117,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (LayerNorm/softmax stay fp32)")
     args = p.parse_args(argv)
 
-    try:
-        points = [_floats(t, (2, 3), "--points") for t in args.points]
-        box = _floats(args.box, (4,), "--box") if args.box else None
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        p.error(str(e))
-    if args.everything and (points or box):
+    if args.everything and (args.points or args.box is not None):
         p.error("--everything takes no --points / --box")
-    if not args.everything and not points and box is None:
+    if not args.everything and not args.points and args.box is None:
         p.error("give --points and/or --box, or --everything")
+    try:
+        return _run(args)
+    except (_InputError, SamInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    parsed = [_point(t) for t in args.points]
+    points = [xy for xy, _ in parsed]
+    box = _box(args.box) if args.box is not None else None
+    if args.points_per_side < 1 or args.points_per_batch < 1 or args.crop_n_layers < 0:
+        raise _InputError("--points-per-side and --points-per-batch must be >= 1, --crop-n-layers >= 0")
+    from segjax.data.decode import read_image
+
+    try:
+        image = read_image(args.image)
+    except (OSError, ValueError) as e:  # missing, unreadable, not an image, unsupported mode
+        raise _InputError(f"{args.image}: not a readable image ({type(e).__name__}: {e})") from None
 
     import jax.numpy as jnp
 
     from segjax.inference.sam.amg import SamAutomaticMaskGenerator
     from segjax.inference.sam.predictor import SamPredictor
 
-    image = np.asarray(Image.open(args.image).convert("RGB"))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     predictor = SamPredictor.from_checkpoint(args.ckpt, dtype=jnp.bfloat16 if args.bf16 else None)
@@ -122,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         predictor.set_image(image)
         coords = np.array([q[:2] for q in points], np.float64).reshape(-1, 2) if points else None
-        labels = np.array([int(q[2]) if len(q) == 3 else 1 for q in points], np.int64) if points else None
+        labels = np.array([lab for _, lab in parsed], np.int64) if points else None
         multimask = args.multimask if args.multimask is not None else (len(points) == 1 and box is None)
         masks, scores, low = predictor.predict(coords, labels, None if box is None else np.array(box),
                                                multimask_output=multimask)

@@ -29,18 +29,15 @@ from segjax import models
 from segjax.checkpoint import load_params
 from segjax.inference.sam import postprocess as sam_postprocess
 from segjax.inference.sam import transforms as sam_transforms
+from segjax.inference.sam.transforms import SamInputError, check_boxes, check_points, numeric_array
 from segjax.models.sam import ABSENT
 
 MASK_THRESHOLD = 0.0
 LABEL_ABSENT = ABSENT  # -10: padding token for static shapes (see Sam.predict_masks)
 LABEL_PAD_POINT, LABEL_BOX_TL, LABEL_BOX_BR = -1, 2, 3
+TOKEN_LABELS = (1, 0, LABEL_PAD_POINT, LABEL_BOX_TL, LABEL_BOX_BR, LABEL_ABSENT)  # what `decode` takes
 PROMPT_BUCKETS = (1, 8, 16, 32, 64)
 MIN_TOKENS = 2
-
-
-class SamInputError(ValueError, AssertionError):
-    """Bad predictor input. An AssertionError too, which the reference raises for the
-    same cases (its checks are asserts)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +198,10 @@ class SamPredictor:
         """Prompts in original-image pixels -> model tokens in the resized-input frame.
 
         point_coords: (P, N, 2) (x, y), or a list of P (N_i, 2) arrays; point_labels:
-        (P, N) or a list of (N_i,) (1 foreground, 0 background); boxes: (P, 4) XYXY.
+        (P, N) or a list of (N_i,) (1 foreground, 0 background, -1 not a point); boxes:
+        (P, 4) XYXY. Checked (`SamInputError`): finite numbers, labels in {1, 0, -1},
+        matching counts, x0 <= x1 and y0 <= y1 (zero-area boxes are accepted, as by the
+        reference), no prompt without any point or box.
         Returns coords (P, T, 2) float32, labels (P, T) int32 in the official token order
         points..., [padding point (-1) if no box], box corners (2, 3); T is padded to a
         power of two with absent tokens (-10).
@@ -214,25 +214,26 @@ class SamPredictor:
         s = self.img_size
         pts, lbls = [], []
         if point_coords is not None:
-            if len(point_coords) != len(point_labels):
-                raise SamInputError(f"{len(point_coords)} point sets but {len(point_labels)} label sets")
-            for c, lab in zip(point_coords, point_labels):
-                c = np.asarray(c)
-                lab = np.asarray(lab).reshape(-1)
-                if c.ndim != 2 or c.shape[-1] != 2 or len(c) != len(lab):
-                    raise SamInputError(f"point coords must be (N, 2) with N labels, got {c.shape} "
-                                        f"and {lab.shape}")
+            coord_sets = _prompt_list(point_coords, "point_coords", "(P, N, 2)")
+            label_sets = _prompt_list(point_labels, "point_labels", "(P, N)")
+            if len(coord_sets) != len(label_sets):
+                raise SamInputError(f"{len(coord_sets)} point sets but {len(label_sets)} label sets")
+            for i, (c, lab) in enumerate(zip(coord_sets, label_sets)):
+                c, lab = check_points(c, lab, what=f"prompt {i}: point" if len(coord_sets) > 1 else "point")
                 # the reference casts the scaled float64 coordinates to float32
-                pts.append(sam_transforms.scale_coords(c, size, s).astype(np.float32))
-                lbls.append(lab.astype(np.int32))
+                pts.append(sam_transforms.to_float32(sam_transforms.scale_coords(c, size, s), "point coords"))
+                lbls.append(lab)
         box_arr = None
         if boxes is not None:
-            box_arr = np.asarray(boxes)
-            if box_arr.ndim != 2 or box_arr.shape[-1] != 4:
-                raise SamInputError(f"boxes must be (P, 4) XYXY, got shape {box_arr.shape}")
-            box_arr = sam_transforms.scale_boxes(box_arr, size, s).astype(np.float32).reshape(-1, 2, 2)
-            if pts and len(pts) != len(box_arr):
+            box_arr = check_boxes(boxes)
+            box_arr = sam_transforms.to_float32(sam_transforms.scale_boxes(box_arr, size, s), "boxes").reshape(-1, 2, 2)
+            if point_coords is not None and len(pts) != len(box_arr):
                 raise SamInputError(f"{len(pts)} point sets but {len(box_arr)} boxes")
+        if box_arr is None:
+            empty = [i for i, c in enumerate(pts) if len(c) == 0]
+            if empty:
+                raise SamInputError(f"empty prompt: point set {empty[0]} has no points and there is no box "
+                                    "(pass point_coords=None for no points)")
         p = len(pts) if point_coords is not None else (len(box_arr) if box_arr is not None else 1)
         if p == 0:
             raise SamInputError("no prompts given (empty point_coords / boxes)")
@@ -265,6 +266,15 @@ class SamPredictor:
         (rows past P are padding: slice them off) and run in chunks of `max_prompts`.
         """
         features = self._features(image)
+        coords = np.asarray(coords, np.float32)
+        labels = np.asarray(labels, np.int32)
+        if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
+            raise SamInputError(f"coords must be (P, T, 2) and labels (P, T), got {coords.shape} and {labels.shape}")
+        if not np.isfinite(coords).all():
+            raise SamInputError("prompt coordinates hold non-finite values (NaN or inf)")
+        if not np.isin(labels, TOKEN_LABELS).all():
+            raise SamInputError(f"token labels must be in {TOKEN_LABELS}, got "
+                                f"{sorted(set(labels[~np.isin(labels, TOKEN_LABELS)].tolist()))}")
         p = len(coords)
         if p == 0:
             raise SamInputError("no prompts given")
@@ -278,6 +288,8 @@ class SamPredictor:
                 lh, lw = self._mask_size(features)
                 raise SamInputError(f"mask_input must be ({p}, 1, {lh}, {lw}) low-res logits, "
                                     f"got {mask_input.shape}")
+            if not np.isfinite(mask_input).all():
+                raise SamInputError("mask_input holds non-finite values (NaN or inf)")
             has_mask = np.arange(p_pad) < p
             mask_input = np.pad(mask_input, ((0, p_pad - p), (0, 0), (0, 0)))
         lows, ious = [], []
@@ -324,7 +336,7 @@ class SamPredictor:
         image = image or self.image
         coords, labels = self.pack_prompts(point_coords, point_labels, boxes, image.original_size)
         if mask_input is not None:
-            mask_input = np.asarray(mask_input, np.float32)
+            mask_input = numeric_array(mask_input, "mask_input").astype(np.float32)
             if mask_input.ndim == 4 and mask_input.shape[1] == 1:
                 mask_input = mask_input[:, 0]
             if point_coords is None and boxes is None:  # a mask-only batch
@@ -341,8 +353,10 @@ class SamPredictor:
                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The official `SamPredictor.predict`.
 
-        point_coords (N, 2) (x, y) pixels of the original image; point_labels (N,) 1/0;
-        box (4,) XYXY; mask_input (1, lh, lw) low-res logits from a previous call.
+        point_coords (N, 2) (x, y) pixels of the original image; point_labels (N,) 1/0
+        (or -1, not a point); box (4,) XYXY; mask_input (1, lh, lw) low-res logits from a
+        previous call. Bad input (non-finite numbers, other labels, wrong shapes or
+        counts, an inverted box) raises `SamInputError` (see `pack_prompts`).
         Returns masks (M, H, W) bool (float32 logits if return_logits), iou_predictions
         (M,) float32, low_res_logits (M, lh, lw) float32.
         """
@@ -350,18 +364,31 @@ class SamPredictor:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         if point_coords is not None and point_labels is None:
             raise SamInputError("point_labels must be supplied if point_coords is supplied.")
-        pc = None if point_coords is None else np.asarray(point_coords)[None]
+        pc = None if point_coords is None else [point_coords]
         # like the reference, labels without coordinates are ignored
-        pl = None if point_coords is None else np.asarray(point_labels)[None]
-        bx = None if box is None else np.asarray(box).reshape(-1, 4)
-        if bx is not None and len(bx) != 1:
-            raise SamInputError(f"box must be a length-4 XYXY array, got shape {np.shape(box)}")
+        pl = None if point_coords is None else [point_labels]
+        bx = None
+        if box is not None:
+            bx = numeric_array(box, "box")
+            if bx.shape not in ((4,), (1, 4)):
+                raise SamInputError(f"box must be a length-4 XYXY array (x0, y0, x1, y1), got shape {bx.shape}")
+            bx = bx.reshape(1, 4)
         mi = None
         if mask_input is not None:
-            mi = np.asarray(mask_input, np.float32)
+            mi = numeric_array(mask_input, "mask_input").astype(np.float32)
             if mi.ndim != 3 or mi.shape[0] != 1:
                 raise SamInputError(f"mask_input must be (1, {self._mask_size()[0]}, {self._mask_size()[1]}), "
                                     f"got shape {mi.shape}")
         masks, iou, low = self.predict_batch(pc, pl, bx, None if mi is None else mi[None],
                                              multimask_output, return_logits)
         return masks[0], iou[0], low[0]
+
+
+def _prompt_list(value, what: str, shape: str) -> list:
+    """Per-prompt point coords / labels: a list (ragged prompts) or a (P, ...) array."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    arr = np.asarray(value)
+    if arr.ndim != len(shape.split(",")):
+        raise SamInputError(f"{what} must be {shape} (or a list of P per-prompt arrays), got shape {arr.shape}")
+    return list(arr)
