@@ -33,30 +33,22 @@ importorskip("segment_anything")
 
 from segment_anything import SamAutomaticMaskGenerator as OfficialAMG
 
-from segjax.convert.__main__ import main as convert_cli
 from segjax.inference.sam import rle
 from segjax.inference.sam.amg import SamAutomaticMaskGenerator
 from segjax.inference.sam.predictor import SamInputError, SamPredictor
-from segjax.testing.sam_official import TINY, make_official
+from segjax.testing.images import chelsea as photo
+from segjax.testing.sam_official import TINY, converted
 
 SCORE_TOL = 1e-4  # predicted IoU (fp32 decoder parity) and stability (pixel counts of ~1e5)
 torch.set_num_threads(1)
 OPTS = dict(points_per_side=8, pred_iou_thresh=0.6, stability_score_thresh=0.75)  # for the blob decoder
 
 
-def photo() -> np.ndarray:
-    import skimage.data
-
-    return skimage.data.chelsea()
-
-
 @pytest.fixture(scope="module")
 def sam(tmp_path_factory):
     d = tmp_path_factory.mktemp("sam_amg")
-    official = make_official(TINY, seed=0)
-    torch.save(official.state_dict(), d / "sam.pth")
-    assert convert_cli(["sam", str(d / "sam.pth"), str(d / "ckpt")]) == 0
-    return official, SamPredictor.from_checkpoint(d / "ckpt")
+    official, ckpt = converted(d, TINY, seed=0)
+    return official, SamPredictor.from_checkpoint(ckpt)
 
 
 def decode(seg):

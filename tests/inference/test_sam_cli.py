@@ -14,20 +14,17 @@ from segjax.testing import importorskip
 torch = importorskip("torch")
 importorskip("segment_anything")
 
-from segjax.convert.__main__ import main as convert_cli
 from segjax.inference.sam.cli import main as sam_cli
 from segjax.inference.sam.predictor import SamPredictor
-from segjax.testing.sam_official import TINY, make_official
+from segjax.testing.images import chelsea
+from segjax.testing.sam_official import TINY, converted
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    import skimage.data
-
     d = tmp_path_factory.mktemp("sam_cli")
-    torch.save(make_official(TINY, seed=0).state_dict(), d / "sam.pth")
-    assert convert_cli(["sam", str(d / "sam.pth"), str(d / "ckpt")]) == 0
-    Image.fromarray(skimage.data.chelsea()).save(d / "cat.png")
+    converted(d, TINY, seed=0)
+    Image.fromarray(chelsea()).save(d / "cat.png")
     return d
 
 

@@ -21,11 +21,11 @@ importorskip("segment_anything")
 from segment_anything import SamPredictor as OfficialPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from segjax.convert.__main__ import main as convert_cli
 from segjax.inference.sam import postprocess as sam_postprocess
 from segjax.inference.sam import transforms as sam_transforms
 from segjax.inference.sam.predictor import SamInputError, SamPredictor, bucket, token_bucket
-from segjax.testing.sam_official import TINY, make_official, prompt_cases
+from segjax.testing.images import chelsea as photo
+from segjax.testing.sam_official import TINY, converted, prompt_cases
 
 REL_TOL = 2e-5  # fp32: relative to the reference's largest magnitude
 torch.set_num_threads(1)
@@ -42,24 +42,16 @@ def mask_iou(a, b) -> float:
     return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
-def photo() -> np.ndarray:
-    import skimage.data
-
-    return skimage.data.chelsea()
-
-
 @pytest.fixture(scope="module")
 def sam(tmp_path_factory):
     """(official model, its predictor with the photo set, checkpoint dir, our predictor with the photo set)."""
     d = tmp_path_factory.mktemp("sam_host")
-    official = make_official(TINY, seed=0)
-    torch.save(official.state_dict(), d / "sam.pth")
-    assert convert_cli(["sam", str(d / "sam.pth"), str(d / "ckpt")]) == 0
+    official, ckpt = converted(d, TINY, seed=0)
     ref = OfficialPredictor(official)
     ref.set_image(photo())
-    ours = SamPredictor.from_checkpoint(d / "ckpt")
+    ours = SamPredictor.from_checkpoint(ckpt)
     ours.set_image(photo())
-    return official, ref, d / "ckpt", ours
+    return official, ref, ckpt, ours
 
 
 # ----------------------------------------------------------------------------- pre/post-processing
@@ -366,12 +358,10 @@ def test_vit_b_full_size_predictor_parity(tmp_path):
     """ViT-B at 1024 (seeded random weights), the official predictor vs ours on chelsea."""
     from segjax.testing.sam_official import VIT_B
 
-    official = make_official(VIT_B, seed=0)
-    torch.save(official.state_dict(), tmp_path / "sam_vit_b.pth")
-    assert convert_cli(["sam", str(tmp_path / "sam_vit_b.pth"), str(tmp_path / "ckpt")]) == 0
+    official, ckpt = converted(tmp_path, VIT_B, seed=0)
     ref = OfficialPredictor(official)
     ref.set_image(photo())
-    ours = SamPredictor.from_checkpoint(tmp_path / "ckpt")
+    ours = SamPredictor.from_checkpoint(ckpt)
     ours.set_image(photo())
     tol = 1e-4  # fp32, 12 blocks at 64 x 64 tokens: summation order differs more than in the tiny model
     assert rel_err(ours.get_image_embedding(), ref.features.numpy()) < tol
