@@ -24,7 +24,8 @@ from segjax.convert import ConversionError
 from segjax.convert import sam as conv
 from segjax.convert.__main__ import main as cli
 from segjax.models.sam import ABSENT
-from segjax.testing.sam_official import TINY, VIT_B, make_official, prompt_cases, to_tokens
+from segjax.testing.images import chelsea as photo  # (300, 451, 3): not square, so padding matters
+from segjax.testing.sam_official import TINY, VIT_B, converted, make_official, prompt_cases, to_tokens
 
 REL_TOL = 1e-5
 torch.set_num_threads(1)
@@ -46,12 +47,6 @@ def mask_iou(a, b) -> float:
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
     union = (a | b).sum()
     return 1.0 if union == 0 else float((a & b).sum() / union)
-
-
-def photo() -> np.ndarray:
-    import skimage.data
-
-    return skimage.data.chelsea()  # (300, 451, 3) uint8: not square, so the padding matters
 
 
 class Ours:
@@ -129,9 +124,7 @@ def check_parity(official, ours: Ours, tol=REL_TOL, t_max=8):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("sam_tiny")
-    official = make_official(TINY, seed=0)
-    torch.save(official.state_dict(), d / "sam_tiny.pth")
-    assert cli(["sam", str(d / "sam_tiny.pth"), str(d / "ckpt")]) == 0
+    official, _ = converted(d, TINY, seed=0)  # d / "sam.pth" -> d / "ckpt"
     return official, d
 
 
@@ -165,10 +158,10 @@ def test_reverse_export_loads_strict_and_roundtrips(tiny):
 
 def test_variant_asserts(tiny, tmp_path):
     _, d = tiny
-    assert cli(["sam", str(d / "sam_tiny.pth"), str(tmp_path / "a"), "--variant", "sam_vit_tiny"]) == 0
+    assert cli(["sam", str(d / "sam.pth"), str(tmp_path / "a"), "--variant", "sam_vit_tiny"]) == 0
     with pytest.raises(ConversionError, match="not sam_vit_b"):
-        conv.convert(d / "sam_tiny.pth", tmp_path / "b", variant="sam_vit_b")
-    assert cli(["sam", str(d / "sam_tiny.pth"), str(tmp_path / "c"), "--variant", "vit_b"]) == 2
+        conv.convert(d / "sam.pth", tmp_path / "b", variant="sam_vit_b")
+    assert cli(["sam", str(d / "sam.pth"), str(tmp_path / "c"), "--variant", "vit_b"]) == 2
 
 
 def test_wrong_family_and_shapes(tiny):
