@@ -2,8 +2,10 @@
 
 Setup (the issue's): features (2, 200, 200, 256) fp32 (torchvision gets the same
 values as NCHW), 1000 RoIs (500 per image), output 7x7, sampling_ratio 2,
-aligned=True, spatial_scale 1/4 (an 800x800 input, FPN level P2). Boxes have random
-centres in the image and log-uniform sides in [16, 512] px, some crossing the border.
+aligned=True (`--aligned 0`: torchvision's default aligned=False), spatial_scale 1/4
+(an 800x800 input, FPN level P2); `--sampling-ratio 0` times adaptive sampling.
+Boxes have random centres in the image and log-uniform sides in [16, 512] px, some
+crossing the border.
 Forward+backward computes the output and the gradient of sum(out * g) w.r.t. the
 features for a fixed random cotangent g (torch: `y.backward(g)`; segjax: `jax.vjp`
 inside one jitted function).
@@ -18,15 +20,9 @@ Usage:
   python benchmarks/roi_align.py                    # the setup
   python benchmarks/roi_align.py --boxes 200 --channels 64 --rounds 2   # quick look
   python benchmarks/roi_align.py --impls gather     # one segjax impl (+ torch)
+  python benchmarks/roi_align.py --aligned 0 --sampling-ratio 0   # adaptive, legacy
 
-Measured (shared 2-core CPU, load average 6-13 from other jobs, so absolute times are
-~3x the quiet machine's; the paired ratios are the robust figure), two runs:
-                   fwd ms (min)       f+b ms (min)     ratio fwd  ratio f+b  compile s  peak MB
-  segjax[gather]   141-170 (106-139)  749-906 (713-765)  8.0-10.5   4.6-5.2   1.1-1.4     990
-  segjax[matmul]   7414-10834         29785-36861        0.14-0.15  0.12-0.13 1.1-1.3    4791
-  torchvision      1185-1444 (942-1114) 3781-4033 (3132-3180)  -       -         -        1418
-  Checksums (sums over the 12.5 M outputs and 20 M gradient values) agree with
-  torchvision to 1e-8 (output) and 3e-7 (gradient) relative.
+Recorded figures, with date, machine and command: benchmarks/README.md.
 
 Numbers:
   fwd ms / f+b ms  median wall time per call over all rounds (min in brackets).
@@ -92,7 +88,7 @@ class _SegjaxWorker:
         feats, boxes, g = _inputs(args)
         self.feats, self.boxes, self.g = jnp.asarray(feats), jnp.asarray(boxes), jnp.asarray(g)
         kw = dict(output_size=args.out, spatial_scale=args.scale, sampling_ratio=args.sampling_ratio,
-                  aligned=True, impl=impl)
+                  aligned=bool(args.aligned), impl=impl)
 
         def fwd(f, b):
             return roi_align(f, b, **kw)
@@ -149,9 +145,9 @@ class _TorchWorker:
         a = self.args
         if name == "fwd":
             with self.torch.no_grad():
-                return self.tv.ops.roi_align(self.x, self.rois, a.out, a.scale, a.sampling_ratio, True)
+                return self.tv.ops.roi_align(self.x, self.rois, a.out, a.scale, a.sampling_ratio, bool(a.aligned))
         x = self.x.detach().requires_grad_(True)
-        y = self.tv.ops.roi_align(x, self.rois, a.out, a.scale, a.sampling_ratio, True)
+        y = self.tv.ops.roi_align(x, self.rois, a.out, a.scale, a.sampling_ratio, bool(a.aligned))
         y.backward(self.g)
         return y.detach(), x.grad
 
@@ -208,6 +204,7 @@ def main(argv=None):
     p.add_argument("--out", type=int, default=7)
     p.add_argument("--sampling-ratio", type=int, default=2)
     p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--aligned", type=int, choices=(0, 1), default=1, help="1: aligned=True, 0: aligned=False")
     p.add_argument("--impls", default="gather,matmul", help="segjax impls, comma separated")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=3, help="calls of each function per worker and round")
@@ -217,7 +214,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     common = ["--batch", str(args.batch), "--size", str(args.size), "--channels", str(args.channels),
               "--boxes", str(args.boxes), "--out", str(args.out), "--sampling-ratio", str(args.sampling_ratio),
-              "--scale", str(args.scale)]
+              "--scale", str(args.scale), "--aligned", str(args.aligned)]
     if args.worker:
         _serve(args)
         return
@@ -238,7 +235,8 @@ def main(argv=None):
         q.p.wait()
 
     print(f"RoIAlign: features ({args.batch}, {args.size}, {args.size}, {args.channels}) fp32, {args.boxes} RoIs, "
-          f"{args.out}x{args.out}, sampling_ratio {args.sampling_ratio}, aligned, scale {args.scale}; "
+          f"{args.out}x{args.out}, sampling_ratio {args.sampling_ratio}, aligned={bool(args.aligned)}, "
+          f"scale {args.scale}; "
           f"{args.rounds} rounds x {args.reps} calls")
     tv = res.get("torchvision")
     hdr = (f"{'':18} {'fwd ms':>15} {'f+b ms':>15} {'ratio fwd':>9} {'ratio f+b':>9} "

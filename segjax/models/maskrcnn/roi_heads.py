@@ -32,7 +32,7 @@ from segjax.models.maskrcnn.rpn import bce_with_logits, smooth_l1
 from segjax.ops import boxes as box_ops
 from segjax.ops import matcher
 from segjax.ops.nms import batched_nms
-from segjax.ops.roi_align import multiscale_roi_align
+from segjax.ops.roi_align import multiscale_roi_align, roi_align_weights
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 BBOX_CLIP = math.log(1000.0 / 16)
@@ -326,56 +326,35 @@ def fastrcnn_loss(class_logits: jax.Array, box_deltas: jax.Array, labels: jax.Ar
     return loss_cls + loss_box, {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
 
-def _roi_align_weights(lo: jax.Array, hi: jax.Array, size: int, out: int, n_max: int) -> jax.Array:
-    """Separable torchvision roi_align weights along one axis (aligned=False, scale 1,
-    adaptive sampling ceil(roi / out) per bin): (out, size) such that a pooled value
-    is W_y @ image @ W_x.T. Samples outside [-1, size] count zero, those in [-1, 0)
-    clamp to 0, at size - 1 the upper neighbour is the pixel itself (the kernel's
-    bilinear_interpolate). Each sample scatters its two taps: O(out * n_max) work."""
-    length = jnp.maximum(hi - lo, 1.0)
-    bin_len = length / out
-    n = jnp.maximum(jnp.ceil(length / out), 1.0)
-    s = jnp.arange(n_max, dtype=jnp.float32)[None, :]
-    p = jnp.arange(out, dtype=jnp.float32)[:, None]
-    pos = (lo + p * bin_len) + ((s + 0.5) * bin_len) / n  # (out, n_max), the kernel's association
-    ok = (s < n) & (pos >= -1.0) & (pos <= size)
-    y = jnp.where(ok, jnp.maximum(pos, 0.0), 0.0)
-    low = jnp.floor(y).astype(jnp.int32)
-    edge = low >= size - 1
-    low = jnp.where(edge, size - 1, low)
-    high = jnp.where(edge, size - 1, low + 1)
-    frac = jnp.where(edge, 0.0, y - low.astype(jnp.float32))
-    w_low = jnp.where(ok, 1.0 - frac, 0.0) / n
-    w_high = jnp.where(ok, frac, 0.0) / n
-    rows = jnp.broadcast_to(jnp.arange(out)[:, None], low.shape)
-    return jnp.zeros((out, size), jnp.float32).at[rows, low].add(w_low).at[rows, high].add(w_high)
-
-
 def project_masks_on_boxes(gt_masks: jax.Array, boxes: jax.Array, matched_idx: jax.Array,
                            size: int = 28, chunk: int = 32) -> jax.Array:
-    """torchvision `project_masks_on_boxes`: roi_align(gt mask of each RoI's matched gt,
-    box, (size, size), spatial_scale 1, sampling_ratio -1 (adaptive), aligned=False).
+    """torchvision `project_masks_on_boxes`: `roi_align(gt_masks[:, None], rois, (size,
+    size), 1.0)` (sampling_ratio -1: adaptive, aligned=False) of each RoI's matched gt mask.
 
-    Computed separably (W_y @ mask @ W_x.T) for exactly one mask per RoI, in chunks of
-    `chunk` RoIs, so memory stays O(chunk * H * W) whatever M and the box sizes.
+    The taps are RoIAlign's own (`roi_align_weights`: A_y @ mask @ A_x^T with one matrix
+    per axis), for exactly one mask per RoI, in chunks of `chunk` RoIs, so memory stays
+    O(chunk * H * W) whatever M and the box sizes. Exact for every box, as roi_align.
     gt_masks (B, M, H, W); boxes (B, R, 4); matched_idx (B, R) -> (B, R, size, size) float32.
     """
     b, _, h, w = gt_masks.shape
-    r = boxes.shape[1]
-    n_max = int(math.ceil(max(h, w) / size)) + 1
+    n = b * boxes.shape[1]
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk  # padding RoIs: box 0, mask 0 of image 0, dropped below
 
-    def one(args):
+    def chunks(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(-1, chunk, *x.shape[1:])
+
+    def one(args):  # a chunk, not vmapped: roi_align_weights picks its window per chunk
         bi, box, mi = args
-        mask = gt_masks[bi, mi].astype(jnp.float32)  # (H, W)
-        wy = _roi_align_weights(box[1], box[3], h, size, n_max)
-        wx = _roi_align_weights(box[0], box[2], w, size, n_max)
+        a_y, a_x = roi_align_weights(box, (h, w), size)  # (chunk, size, H), (chunk, size, W)
+        mask = gt_masks[bi, mi].astype(jnp.float32)  # (chunk, H, W)
         hp = jax.lax.Precision.HIGHEST  # targets in fp32 on TPU too
-        return jnp.matmul(jnp.matmul(wy, mask, precision=hp), wx.T, precision=hp)
+        return jnp.matmul(jnp.matmul(a_y, mask, precision=hp), jnp.swapaxes(a_x, 1, 2), precision=hp)
 
-    bidx = jnp.repeat(jnp.arange(b), r)
-    flat = (bidx, boxes.reshape(-1, 4), matched_idx.reshape(-1))
-    out = jax.lax.map(one, flat, batch_size=min(chunk, b * r))
-    return out.reshape(b, r, size, size)
+    bidx = jnp.repeat(jnp.arange(b), boxes.shape[1])
+    out = jax.lax.map(one, (chunks(bidx), chunks(boxes.reshape(-1, 4)), chunks(matched_idx.reshape(-1))))
+    return out.reshape(-1, size, size)[:n].reshape(b, -1, size, size)
 
 
 def maskrcnn_loss(mask_logits: jax.Array, rois: jax.Array, labels: jax.Array, matched_idx: jax.Array,
