@@ -3,7 +3,7 @@
 Legend: B batch, M max instances, H/W padded size, h/w original size, n instances
 of one record.
 
-The batch (the "Mask R-CNN data" contract in the project notes):
+The batch (what `segjax.models.maskrcnn.mask_rcnn` trains and evaluates on):
   image (B, H, W, 3) float32 RGB 0..255, resized, padded bottom-right with 0,
   image_hw (B, 2) int32 resized size inside the pad, orig_hw (B, 2) int32,
   image_id (B,) int64,
@@ -18,7 +18,8 @@ Targets follow torchvision's detection references: crowd instances are never
 targets (they stay in the evaluation ground truth); the resize is
 GeneralizedRCNNTransform's (scale = min(min_size / short side, max_size / long side),
 output size floor(side * scale), bilinear without antialias for the image and
-nearest for the masks, boxes scaled by the per-axis size ratio); the training flip
+nearest for the masks, all with torch's arithmetic from `segjax.ops.resample`, boxes
+scaled by the per-axis size ratio); the training flip
 happens before the resize, as in references/detection/transforms.py.
 
 Batches come from `segjax.data.pipeline`'s `Loader` / `EvalLoader` over a
@@ -36,16 +37,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segjax.data.decode import DecodedSource, decode_image
-from segjax.models.maskrcnn.mask_rcnn import resize_image, resized_hw  # the model's input convention
+from segjax.ops.resample import nearest_indices, resize_image, resized_hw  # the model's input convention
 
 Batch = dict[str, np.ndarray]
 _log = logging.getLogger(__name__)
-
-
-def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """torch interpolate(mode='nearest') source indices: floor(dst * in / out)."""
-    scale = np.float32(n_in / n_out)
-    return np.minimum((np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 
 def decode_masks(rles: Sequence[bytes], h: int, w: int) -> np.ndarray:

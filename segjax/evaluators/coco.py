@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from segjax.ops.resample import linear_matrix
+
 _log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -212,19 +214,6 @@ class CocoEvaluator:
         return metrics
 
 
-def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) align_corners=False bilinear weights (torch interpolate, no antialias)."""
-    scale = np.float32(n_in / n_out)
-    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
-    i0 = np.minimum(src.astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0
-    m = np.zeros((n_out, n_in), np.float32)
-    np.add.at(m, (np.arange(n_out), i0), 1 - lam)
-    np.add.at(m, (np.arange(n_out), i1), lam)
-    return m
-
-
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, padding: int = 1) -> np.ndarray:
     """Pastes mask-head probabilities into the image, as torchvision's
     `paste_masks_in_image` (host numpy, any image size).
@@ -255,7 +244,7 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, p
     expanded = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1).astype(np.int64)
     for i, (x0, y0, x1, y1) in enumerate(expanded):
         w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
-        resized = _interp_matrix(m + 2 * padding, h) @ padded[i] @ _interp_matrix(m + 2 * padding, w).T
+        resized = linear_matrix(m + 2 * padding, h) @ padded[i] @ linear_matrix(m + 2 * padding, w).T
         ix0, ix1 = max(x0, 0), min(x1 + 1, width)
         iy0, iy1 = max(y0, 0), min(y1 + 1, height)
         if ix1 > ix0 and iy1 > iy0:

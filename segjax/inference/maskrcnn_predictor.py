@@ -27,6 +27,7 @@ from segjax import models
 from segjax.checkpoint import load_params
 from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, prepare_image, rescale_boxes
 from segjax.ops.masks import paste_masks_in_image
+from segjax.ops.resample import resized_hw
 
 
 class MaskRCNNPredictor:
@@ -87,15 +88,37 @@ class MaskRCNNPredictor:
         out = self._forward(self.params, jnp.asarray(image, jnp.float32), jnp.asarray(image_hw, jnp.int32))
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """image: (H, W, 3) uint8 RGB. Returns torchvision's eval dict (numpy):
-        boxes (N, 4) float32 XYXY original px, labels (N,) int64, scores (N,) float32,
-        masks (N, 1, H, W) float32 probabilities; N <= detections_per_img, by score."""
+    def check_image(self, image: np.ndarray) -> np.ndarray:
+        """Validates one input image; returns it as a numpy array.
+
+        Raises ValueError for a shape other than (H, W, 3), an empty image (H or W 0)
+        and an image so elongated that torchvision's resize rule (short side to
+        `min_size`, long side capped at `max_size`) leaves it 0 px on its short side
+        (torchvision fails there too; roughly long / short > max_size); TypeError for a
+        dtype other than uint8.
+        """
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
         if image.dtype != np.uint8:
             raise TypeError(f"image must be uint8 (0-255), got {image.dtype}")
+        h, w = image.shape[:2]
+        if h == 0 or w == 0:
+            raise ValueError(f"image is empty: shape {image.shape}")
+        rh, rw = resized_hw(h, w, self.min_size, self.max_size)
+        if rh < 1 or rw < 1:
+            raise ValueError(
+                f"image of {h}x{w} is too elongated: the resize (short side to min_size={self.min_size}, long side "
+                f"at most max_size={self.max_size}) makes it {rh}x{rw}; the long side may be at most about "
+                f"{self.max_size} times the short one (torchvision's transform fails on it too)")
+        return image
+
+    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """image: (H, W, 3) uint8 RGB (checked by `check_image`). Returns torchvision's
+        eval dict (numpy): boxes (N, 4) float32 XYXY original px, labels (N,) int64,
+        scores (N,) float32, masks (N, 1, H, W) float32 probabilities;
+        N <= detections_per_img, by score."""
+        image = self.check_image(image)
         h, w = image.shape[:2]
         padded, rhw = prepare_image(image, self.min_size, self.max_size, self.model.size_divisible)
         out = self.predict_padded(padded[None], np.asarray([rhw], np.int32))

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.ops.resample import cubic_matrix, linear_matrix
+
 Dtype = Any
 
 # torch's nn.Linear / nn.Conv2d use kaiming-uniform by default; MAE and timm re-init
@@ -103,11 +105,13 @@ class Mlp(nn.Module):
     """Two-layer MLP `fc1 -> act -> fc2`; GELU is exact erf as torch's nn.GELU.
 
     `names` renames the two layers (SAM's image encoder calls them `lin1`, `lin2`).
+    `act`: a key of `ACTIVATIONS` (transformers' `hidden_act` names).
     """
 
     hidden_dim: int
     dtype: Dtype = jnp.float32
     names: tuple[str, str] = ("fc1", "fc2")
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -119,7 +123,7 @@ class Mlp(nn.Module):
             bias_init=_logical(nn.initializers.zeros, ("mlp",)),
             name=self.names[0],
         )(x)
-        x = gelu_erf(x)
+        x = activation(self.act)(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
         return nn.Dense(
             d,
@@ -140,6 +144,47 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     # clamped rational polynomial while its erfc evaluates two branches and an exp.
     # Differences are float rounding (< 1.2e-6 absolute on |x| <= 12).
     return x * (0.5 * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype))))
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# MLP activations by transformers' `hidden_act` name (its ACT2FN), each the same function
+# as transformers' (float rounding aside). Names that differ only in how torch evaluates
+# the same formula share one entry (the tanh GELUs, erf GELUs). Not here: activations
+# with learned parameters (prelu, xielu).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu_erf,  # torch nn.GELU / F.gelu: exact erf
+    "gelu_python": gelu_erf,
+    "gelu_10": lambda x: jnp.clip(gelu_erf(x), -10.0, 10.0),
+    "gelu_new": _gelu_tanh,  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),  # torch's default slope
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "hardswish": jax.nn.hard_swish,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+    "laplace": lambda x: 0.5 * (1.0 + jax.lax.erf((x - 0.707107) / (0.282095 * np.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The `ACTIVATIONS` entry `name`; a ValueError listing the choices otherwise."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported MLP activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class Attention(nn.Module):
@@ -186,8 +231,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     # NOTE: heads-major einsums on explicitly rearranged operands. XLA:CPU moves the
     # batch dims (B, N) first for its batched dots either way; spelling the transposes
     # out lets it fold the 1/sqrt(K) scale into the copy of q and keeps every
-    # intermediate (B, N, L, *) row-major. ~15% less attention time on XLA:CPU
-    # (benchmarks/mae_train_step.py); identical math, rounding aside.
+    # intermediate (B, N, L, *) row-major, which makes attention faster on XLA:CPU
+    # (benchmarks/README.md); identical math, rounding aside.
     q, k, v = (einops.rearrange(t, "b l n k -> b n l k") for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bnqk,bnsk->bnqs", q * jnp.asarray(scale, q.dtype), k)
@@ -210,6 +255,7 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    act: str = "gelu"  # MLP activation, a key of `ACTIVATIONS`
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -225,7 +271,8 @@ class Block(nn.Module):
             y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
         x = x + y
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(nn.LayerNorm(name="norm2", **ln)(x))
+        y = Mlp(int(d * self.mlp_ratio), self.dtype, act=self.act, name="mlp")(
+            nn.LayerNorm(name="norm2", **ln)(x))
         if use_dp:
             y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
         x = x + y
@@ -274,51 +321,6 @@ def window_unpartition(windows: jax.Array, window: int, pad_hw: tuple[int, int],
     return x[:, :hw[0], :hw[1]]
 
 
-def _fma_source_index(scale: np.float32, dst: int) -> np.float32:
-    # torch's `scale * (dst + 0.5) - 0.5` in float32, which its compiled kernel evaluates
-    # as one fused multiply-add (a single rounding): the float64 product is exact.
-    return np.float32(np.float64(scale) * (dst + 0.5) - 0.5)
-
-
-def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of torch's `F.interpolate(mode="linear", align_corners=False)`,
-    computed in float32 as torch's CPU kernel does (source index, then the fraction)."""
-    f = np.float32
-    m = np.zeros((n_out, n_in), np.float32)
-    scale = f(n_in) / f(n_out)
-    for o in range(n_out):
-        src = max(_fma_source_index(scale, o), f(0.0))
-        i0 = min(int(src), n_in - 1)
-        i1 = i0 + (1 if i0 < n_in - 1 else 0)
-        frac = min(max(src - f(i0), f(0.0)), f(1.0))
-        m[o, i0] += f(1.0) - frac
-        m[o, i1] += frac
-    return m
-
-
-def cubic_resize_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-    """(n_out, n_in) weights of torch's `F.interpolate(mode="bicubic", align_corners=False)`
-    along one axis (Keys kernel with a = -0.75, border samples clamped), in float32."""
-    f = np.float32
-    a = f(a)
-
-    def near(t):  # |t| <= 1
-        return ((a + f(2)) * t - (a + f(3))) * t * t + f(1)
-
-    def far(t):  # 1 < |t| < 2
-        return ((a * t - f(5) * a) * t + f(8) * a) * t - f(4) * a
-
-    m = np.zeros((n_out, n_in), np.float32)
-    scale = f(n_in) / f(n_out)
-    for o in range(n_out):
-        src = _fma_source_index(scale, o)  # no clamp at 0 for cubic (torch)
-        i = int(np.floor(src))
-        t = src - f(i)
-        for k, wgt in zip((i - 1, i, i + 1, i + 2), (far(t + f(1)), near(t), near(f(1) - t), far(f(2) - t))):
-            m[o, min(max(k, 0), n_in - 1)] += wgt
-    return m
-
-
 def resize_pos_embed_2d(pos: jax.Array, hw: tuple[int, int]) -> jax.Array:
     """Bicubic resize of an absolute position table (1, Gh, Gw, D) -> (1, H, W, D).
 
@@ -329,8 +331,8 @@ def resize_pos_embed_2d(pos: jax.Array, hw: tuple[int, int]) -> jax.Array:
     gh, gw = pos.shape[1:3]
     if (gh, gw) == tuple(hw):
         return pos
-    my = jnp.asarray(cubic_resize_matrix(gh, hw[0]))
-    mx = jnp.asarray(cubic_resize_matrix(gw, hw[1]))
+    my = jnp.asarray(cubic_matrix(gh, hw[0]))
+    mx = jnp.asarray(cubic_matrix(gw, hw[1]))
     return jnp.einsum("yh,xw,bhwd->byxd", my, mx, pos.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST).astype(pos.dtype)
 
@@ -344,7 +346,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     """
     n = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != n:
-        m = jnp.asarray(linear_resize_matrix(rel_pos.shape[0], n))
+        m = jnp.asarray(linear_matrix(rel_pos.shape[0], n))
         rel_pos = jnp.einsum("oi,ik->ok", m, rel_pos.astype(jnp.float32),
                              precision=jax.lax.Precision.HIGHEST).astype(rel_pos.dtype)
     # Coordinates in float32 and truncated, as the reference computes them.
@@ -379,8 +381,8 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     # out of main memory: O(L) instead of O(L^2) memory. Blocking by heads first (one
     # head's rows per block rather than all heads' rows) turns each logits / value
     # product into one plain (rows * w, K) x (K, L) matmul instead of N small batched
-    # ones: global attention of SAM ViT-B ~1.6x faster on XLA:CPU (2 cores) than
-    # all-heads row blocks, which were ~1.7x faster than one (B, N, L, L) softmax.
+    # ones, faster on XLA:CPU than all-heads row blocks, which in turn beat one
+    # (B, N, L, L) softmax (SAM ViT-B's global attention; benchmarks/README.md).
     # Same math per element; the rounding differs from a plain softmax at the 1e-7 level.
     h, w = hw
     q, k, v = (einops.rearrange(t, "b l n k -> b n l k") for t in (q, k, v))

@@ -1,5 +1,7 @@
 """Pure jnp ops (no parameters) with static shapes: boxes, RoIAlign/RoIPool, NMS,
-matching and sampling, mask pasting. Each mirrors a torchvision op (see its module)."""
+matching and sampling, mask pasting. Each mirrors a torchvision op (see its module).
+`resample` holds torch's interpolation taps (host numpy and jnp forms) for every
+`F.interpolate`-style resize in segjax."""
 
 from segjax.ops.boxes import (
     box_area,

@@ -12,9 +12,8 @@ Legend: R RoIs, h/w mask size (28 x 28 in Mask R-CNN), H/W image size.
 Step 2 varies in size per box, so here it is one separable linear map per box from
 the padded mask to the whole image: rows A_y (H, h + 2p) and columns A_x (W, w + 2p)
 hold the interpolation weights of the pixels the box covers and zeros elsewhere, and
-`A_y mask A_x^T` is the pasted mask (two einsums). The weights follow PyTorch's CPU
-upsampling kernel: source = max(scale * (dst + 0.5) - 0.5, 0) with scale = in / out
-in float32, index = min(floor(source), in - 1), lambda = clamp(source - index, 0, 1).
+`A_y mask A_x^T` is the pasted mask (two einsums). The weights are torch's linear
+taps for a traced box length (`segjax.ops.resample.linear_taps_traced`).
 """
 
 from __future__ import annotations
@@ -25,21 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.ops.resample import linear_taps_traced
+
 
 def _paste_weights(lo, hi, out_size: int, in_size: int):
     """(out_size, in_size) weights that place a resized axis of length in_size at the
     integer box edges [lo, hi] (inclusive), cropped to [0, out_size)."""
     length = jnp.maximum(hi - lo + 1, 1)
-    scale = jnp.float32(in_size) / length.astype(jnp.float32)
     dst = jnp.arange(out_size, dtype=jnp.int32)
     inside = (dst >= jnp.maximum(lo, 0)) & (dst < jnp.minimum(hi + 1, out_size))
-    j = (dst - lo).astype(jnp.float32)  # index into the resized mask
-    src = jnp.maximum(scale * (j + 0.5) - 0.5, 0.0)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
-    lam = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
-    i1 = jnp.where(i0 < in_size - 1, i0 + 1, i0)
+    i0, i1, w0, w1 = linear_taps_traced(in_size, length, dst - lo)  # dst - lo: index into the resized mask
     cols = jnp.arange(in_size, dtype=jnp.int32)
-    wts = jnp.where(cols == i0[:, None], 1.0 - lam[:, None], 0.0) + jnp.where(cols == i1[:, None], lam[:, None], 0.0)
+    wts = jnp.where(cols == i0[:, None], w0[:, None], 0.0) + jnp.where(cols == i1[:, None], w1[:, None], 0.0)
     return jnp.where(inside[:, None], wts, 0.0)  # (out_size, in_size)
 
 

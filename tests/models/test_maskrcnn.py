@@ -22,9 +22,10 @@ torchvision = importorskip("torchvision")
 from segjax import models  # noqa: E402
 from segjax.models.maskrcnn import anchors as anchor_lib  # noqa: E402
 from segjax.models.maskrcnn.backbone import frozen_patterns  # noqa: E402
-from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, mask_rcnn_loss, resize_image, resized_hw  # noqa: E402
+from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, mask_rcnn_loss  # noqa: E402
 from segjax.models.maskrcnn.roi_heads import project_masks_on_boxes  # noqa: E402
 from segjax.ops import matcher  # noqa: E402
+from segjax.ops.resample import resize_image, resized_hw  # noqa: E402
 from segjax.testing.maskrcnn_ref import chelsea, det_sampler_torch, tiny_torch, to_tensor  # noqa: E402
 
 torch.set_num_threads(1)
@@ -67,16 +68,38 @@ def test_resize_matches_torch_interpolate():
     assert np.abs(ours - ref).max() < 1e-5
 
 
-def test_project_masks_matches_roi_align():
+@pytest.mark.parametrize("hw, size, seed", [((40, 56), 28, 0), ((37, 53), 28, 1), ((61, 29), 13, 2),
+                                            ((427, 640), 28, 3)])
+def test_project_masks_matches_roi_align(hw, size, seed):
+    """Mask targets vs torchvision's `project_masks_on_boxes` on odd and photo-sized
+    masks and boxes of every kind: inside, the whole mask, touching or crossing its
+    border, several times larger than it (many more samples per bin than the mask has
+    rows), tiny, degenerate. Tolerance 1e-5 (targets in [0, 1]; observed <= 2e-6)."""
     from torchvision.models.detection.roi_heads import project_masks_on_boxes as ref_fn
 
-    rng = np.random.default_rng(0)
-    masks = (rng.random((3, 40, 56)) > 0.5).astype(np.uint8)
-    boxes = np.array([[2.3, 4.1, 30.7, 38.2], [0, 0, 56, 40], [50.5, 1.2, 55.9, 3.3], [-3, -2, 10, 9]], np.float32)
-    idx = np.array([0, 2, 1, 2])
-    ref = ref_fn(torch.from_numpy(masks), torch.from_numpy(boxes), torch.from_numpy(idx), 28).numpy()
-    ours = project_masks_on_boxes(jnp.asarray(masks[None]), jnp.asarray(boxes[None]), jnp.asarray(idx[None]), 28)
-    assert np.abs(np.asarray(ours[0]) - ref).max() < 1e-5
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    masks = (rng.random((3, h, w)) > 0.5).astype(np.uint8)
+    n = 40
+    x1, y1 = rng.uniform(-0.2 * w, w, n), rng.uniform(-0.2 * h, h, n)
+    bw, bh = rng.uniform(0.5, w, n), rng.uniform(0.5, h, n)
+    boxes = np.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    boxes[:4] = [[0, 0, w, h], [0, 0, w / 2, h], [w / 3, h / 2, w, h], [0, 3, w, 4.5]]  # touching the border
+    big = rng.uniform(2, 6, (6, 2)) * [w, h] / 2  # several times larger than the mask
+    ctr = rng.uniform(0, 1, (6, 2)) * [w, h]
+    boxes[4:10] = np.concatenate([ctr - big, ctr + big], 1)
+    boxes[10:13, 2:] = boxes[10:13, :2] + rng.uniform(0.01, 0.9, (3, 2))  # tiny
+    boxes[13:15, 2] = boxes[13:15, 0] - 1.5  # degenerate (x2 < x1)
+    boxes = boxes.astype(np.float32)
+    idx = rng.integers(0, 3, n)
+    ref = ref_fn(torch.from_numpy(masks), torch.from_numpy(boxes), torch.from_numpy(idx), size).numpy()
+    # chunk 16: the last chunk is padded
+    ours = project_masks_on_boxes(jnp.asarray(masks[None]), jnp.asarray(boxes[None]), jnp.asarray(idx[None]), size,
+                                  chunk=16)
+    assert ours.shape == (1, n, size, size)
+    err = np.abs(np.asarray(ours[0]) - ref).max()
+    print(f"{hw} -> {size}: max |ours - torchvision| {err:.1e}")
+    assert err < 1e-5
 
 
 def _targets(img):
@@ -155,10 +178,11 @@ def tiny():
     image = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 128, 160, 3)), jnp.float32)
     hw = jnp.asarray([[128, 160], [100, 150]], jnp.int32)
     # rbg keys: the init program (one RNG per parameter) compiles ~2x faster than threefry
-    params = jax.jit(lambda r, x, s: model.init(r, x, s, method=MaskRCNN.initialize))(
-        jax.random.key(0, impl="rbg"), image, hw)["params"]
-    full = jax.eval_shape(lambda: model.init(jax.random.key(0), image, hw))["params"]
-    assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(params)
+    params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), image, hw)["params"]
+    # the training forward creates the same parameters (the mask head through its bucketed loss)
+    rngs = {"params": jax.random.key(0), "sampling": jax.random.key(1)}
+    train = jax.eval_shape(lambda: model.init(rngs, _batch(image, hw), method=MaskRCNN.losses))["params"]
+    assert jax.tree.map(jnp.shape, train) == jax.tree.map(jnp.shape, params)
     return model, params, image, hw
 
 

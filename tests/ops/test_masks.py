@@ -43,3 +43,29 @@ def test_paste_lowers_for_tpu_and_cuda():
     args = (jax.ShapeDtypeStruct((10, 28, 28), jnp.float32), jax.ShapeDtypeStruct((10, 4), jnp.float32))
     exp = jax.export.export(fn, platforms=("tpu", "cuda"))(*args)
     assert exp.out_avals[0].shape == (10, 64, 96)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paste_at_coco_size_matches_torchvision(threads):
+    """Boxes of 40 to 420 px (non-integer scales of the 30 x 30 padded mask) on a
+    427 x 640 image: the jnp op and the COCO evaluator's host paste equal torchvision's
+    to a few float32 steps (both take torch's taps from segjax.ops.resample; the
+    evaluator's own float32 taps were off by 1e-6 here). torch switches bilinear kernels
+    with the thread count."""
+    from segjax.evaluators.coco import paste_masks
+
+    rng = np.random.default_rng(0)
+    im_h, im_w, n = 427, 640, 16
+    masks = rng.random((n, 28, 28)).astype(np.float32)
+    xy = rng.uniform(0, [600, 400], (n, 2))
+    wh = rng.uniform(40, 420, (n, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + wh, [im_w - 1, im_h - 1])], 1).astype(np.float32)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref = tv_paste(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (im_h, im_w))[:, 0].numpy()
+    finally:
+        torch.set_num_threads(old_threads)
+    ours = np.asarray(paste_masks_in_image(jnp.asarray(masks), jnp.asarray(boxes), (im_h, im_w)))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=3e-7)
+    np.testing.assert_allclose(paste_masks(masks, boxes, im_h, im_w), ref, rtol=0, atol=3e-7)

@@ -4,7 +4,7 @@ Legend: B batch, H/W spatial size, C channels.
 
 Lateral 1x1 convs (`inner_blocks_{i}`), output 3x3 convs (`layer_blocks_{i}`), top-down
 nearest-neighbour upsampling to the lateral's size (torch `F.interpolate(mode='nearest')`
-index rule, so odd sizes match too), and `LastLevelMaxPool` ('pool' level: max-pool
+index rule from `segjax.ops.resample`, so odd sizes match too), and `LastLevelMaxPool` ('pool' level: max-pool
 k=1, s=2, i.e. every other pixel of P5). With `norm=True` (the v2 model) each conv is
 bias-free and followed by a frozen BatchNorm (`inner_blocks_{i}_bn`, `layer_blocks_{i}_bn`).
 """
@@ -14,16 +14,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from segjax.models.maskrcnn.backbone import FrozenBatchNorm, conv
-
-
-def nearest_indices(out_size: int, in_size: int) -> np.ndarray:
-    """torch 'nearest' source indices: floor(dst * (in / out)) in float32, clamped."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(idx, in_size - 1)
+from segjax.ops.resample import nearest_indices
 
 
 def upsample_nearest(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
@@ -32,8 +25,8 @@ def upsample_nearest(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
     if (hw[0], hw[1]) == (2 * h, 2 * w):  # the common exact-2x case: a broadcast, no gather
         b, c = x.shape[0], x.shape[-1]
         return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-    x = jnp.take(x, nearest_indices(hw[0], h), axis=1)
-    return jnp.take(x, nearest_indices(hw[1], w), axis=2)
+    x = jnp.take(x, nearest_indices(h, hw[0]), axis=1)
+    return jnp.take(x, nearest_indices(w, hw[1]), axis=2)
 
 
 class FPN(nn.Module):

@@ -4,12 +4,13 @@ Legend: B batch, H/W padded input size, M instances (padded), P proposals,
 S sampled RoIs, D detections, C classes (incl. background 0).
 
 Input convention (set at model entry, so a checkpoint + builder defines it):
-  image (B, H, W, 3) float32 RGB 0-255, already resized (`resized_hw`: torchvision's
-  GeneralizedRCNNTransform rule) and padded bottom-right to a multiple of 32 (or any
+  image (B, H, W, 3) float32 RGB 0-255, already resized (`segjax.ops.resample.resized_hw`:
+  torchvision's GeneralizedRCNNTransform rule) and padded bottom-right to a multiple of 32 (or any
   fixed size); image_hw (B, 2) int32 the resized size inside the padding. The model
   divides by 255, normalises with ImageNet mean/std and zeroes the padding (torchvision
   pads with 0 after normalising).
-The resize runs on the host (`resize_image`, numpy, torch's bilinear rule); one jit
+The resize runs on the host (`segjax.ops.resample.resize_image`, numpy, torch's
+bilinear arithmetic; `prepare_image` resizes and pads one image); one jit
 per padded input shape. Everything inside jit has static shapes: fixed proposal
 counts with valid masks, padded ground truth with a valid mask.
 
@@ -19,9 +20,9 @@ of the predicted class, num_passing (B,)). `postprocess` maps one image's detect
 to the original image (boxes rescaled, masks pasted) like torchvision's `postprocess`.
 
 Training: `losses(batch)` (rng stream 'sampling') returns (total loss, metrics) with
-torchvision's five terms; the batch is the detection batch of INTERFACES.md:
-image, image_hw, boxes (B, M, 4) resized px, labels (B, M), masks (B, M, H, W) uint8,
-valid (B, M).
+torchvision's five terms; the batch is the one `segjax.data.maskrcnn` builds (its
+module docstring lists every key): image, image_hw, boxes (B, M, 4) resized px,
+labels (B, M), masks (B, M, H, W) uint8, valid (B, M).
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ from segjax.models.maskrcnn.roi_heads import (
     bucketed_mask_loss,
     fastrcnn_loss,
     mask_probs,
-    maskrcnn_loss,
     select_training_samples,
 )
 from segjax.models.maskrcnn.rpn import RPN_WEIGHTS, RPNHead, filter_proposals, rpn_loss
 from segjax.ops import boxes as box_ops
+from segjax.ops.resample import resize_image, resized_hw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -204,16 +205,6 @@ class MaskRCNN(nn.Module):
         det["masks"] = mask_probs(logits, det["labels"])
         return det
 
-    def initialize(self, image: jax.Array, image_hw: jax.Array) -> Any:
-        """Touches every parameter without the proposal / NMS stages, so that
-        `model.init(rng, image, image_hw, method=MaskRCNN.initialize)` compiles much less
-        than initialising through `__call__` (same params)."""
-        input_hw = tuple(image.shape[1:3])
-        feats = self.features(image, image_hw)
-        logits, _ = self.rpn(feats)
-        boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 16.0, 16.0]), (image.shape[0], 1, 4))
-        return logits, self.roi_heads(feats, boxes, input_hw)
-
     def __call__(self, image: jax.Array, image_hw: jax.Array, score_thresh: float | None = None,
                  nms_thresh: float | None = None, detections_per_img: int | None = None
                  ) -> dict[str, jax.Array]:
@@ -254,16 +245,14 @@ class MaskRCNN(nn.Module):
         sp = mask_rois.shape[1]
         buckets = sorted({k for k in self.mask_roi_buckets or mask_buckets(sp) if k < sp} | {sp})
         labels, matched = take(s["labels"]), take(s["matched_idx"])
-        if self.is_initializing():  # creates the mask head params: the plain way, all slots
-            logits = self.roi_heads.mask(feats, mask_rois, input_hw)
-            loss_mask = maskrcnn_loss(logits, mask_rois, labels, matched, s["mask_valid"], batch["masks"])[0]
-        else:
-            unbound = self.roi_heads.clone(parent=None)
-            mask_fn = lambda p, f, r: unbound.apply({"params": p}, f, r, input_hw,  # noqa: E731
-                                                    method=RoIHeads.mask)
-            head_params = {n: self.roi_heads.variables["params"][n] for n in ("mask_head", "mask_predictor")}
-            loss_mask = bucketed_mask_loss(mask_fn, head_params, feats, mask_rois, labels, matched,
-                                           s["mask_valid"], batch["masks"], buckets)
+        # the head on zero RoIs: no work, but it binds the head (creating its parameters at init)
+        self.roi_heads.mask(feats, mask_rois[:, :0], input_hw)
+        unbound = self.roi_heads.clone(parent=None)
+        mask_fn = lambda p, f, r: unbound.apply({"params": p}, f, r, input_hw,  # noqa: E731
+                                                method=RoIHeads.mask)
+        head_params = {n: self.roi_heads.variables["params"][n] for n in ("mask_head", "mask_predictor")}
+        loss_mask = bucketed_mask_loss(mask_fn, head_params, feats, mask_rois, labels, matched,
+                                       s["mask_valid"], batch["masks"], buckets)
         m_mask = {"loss_mask": loss_mask}
         metrics.update(m_mask)
         metrics["roi_num_pos"] = s["mask_valid"].sum() / s["valid"].shape[0]
@@ -303,36 +292,8 @@ def mask_rcnn_loss(model: MaskRCNN, params: Any, batch: dict[str, jax.Array], rn
 # ----------------------------------------------------------------------------- host transform
 
 
-def resized_hw(h: int, w: int, min_size: int = 800, max_size: int = 1333) -> tuple[int, int]:
-    """torchvision GeneralizedRCNNTransform size: scale = min(min_size / short, max_size / long),
-    out = floor(side * scale) (interpolate(scale_factor, recompute_scale_factor=True))."""
-    scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
-    return int(math.floor(h * scale)), int(math.floor(w * scale))
-
-
 def padded_hw(hw: tuple[int, int], size_divisible: int = 32) -> tuple[int, int]:
     return tuple(int(math.ceil(s / size_divisible) * size_divisible) for s in hw)
-
-
-def _bilinear_taps(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch bilinear (align_corners=False, no antialias) taps along one axis, float32:
-    (i0, i1, lambda1) with value = (1 - lambda1) * x[i0] + lambda1 * x[i1]."""
-    scale = np.float32(size) / np.float32(out)
-    src = np.maximum(scale * (np.arange(out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
-    i0 = src.astype(np.int64)
-    lam1 = np.clip(src - i0, 0, 1).astype(np.float32)
-    i1 = np.where(i0 < size - 1, i0 + 1, i0)
-    return i0, i1, lam1
-
-
-def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) image (any dtype) -> (H, W, 3) float32 by torch's bilinear rule
-    (`F.interpolate(mode='bilinear', align_corners=False)`), two taps per axis."""
-    img = np.asarray(image, np.float32)
-    j0, j1, lx = _bilinear_taps(hw[1], img.shape[1])
-    tmp = img[:, j0] * (1 - lx)[None, :, None] + img[:, j1] * lx[None, :, None]  # (h, W, 3)
-    i0, i1, ly = _bilinear_taps(hw[0], img.shape[0])
-    return (tmp[i0] * (1 - ly)[:, None, None] + tmp[i1] * ly[:, None, None]).astype(np.float32)
 
 
 def prepare_image(image: np.ndarray, min_size: int = 800, max_size: int = 1333,
