@@ -29,8 +29,9 @@ def _round_half_away(x):
     return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
 
 
-def _axis_bins(lo, hi, scale, size: int, n_out: int, k: int):
-    """One RoI, one axis -> (idx (n_out, K) int32 in [0, size), mask (n_out, K) bool)."""
+def _bin_edges(lo, hi, scale, size: int, n_out: int):
+    """One RoI, one axis -> the bins' [b0, b1) feature rows (n_out,) int32, clipped to
+    [0, size] (torchvision's roi_pool kernel)."""
     start = _round_half_away(lo * scale).astype(jnp.int32)
     end = _round_half_away(hi * scale).astype(jnp.int32)
     length = jnp.maximum(end - start + 1, 1)
@@ -38,15 +39,28 @@ def _axis_bins(lo, hi, scale, size: int, n_out: int, k: int):
     p = jnp.arange(n_out, dtype=jnp.float32)
     b0 = jnp.clip(jnp.floor(p * bin_size).astype(jnp.int32) + start, 0, size)
     b1 = jnp.clip(jnp.ceil((p + 1) * bin_size).astype(jnp.int32) + start, 0, size)
+    return b0, b1
+
+
+def _axis_bins(lo, hi, scale, size: int, n_out: int, k: int):
+    """One RoI, one axis -> (idx (n_out, K) int32 in [0, size), mask (n_out, K) bool)."""
+    b0, b1 = _bin_edges(lo, hi, scale, size, n_out)
     j = jnp.arange(k, dtype=jnp.int32)
     idx = b0[:, None] + j
     return jnp.minimum(idx, size - 1), idx < b1[:, None]
 
 
-def default_max_bin(feature_hw: tuple[int, int], output_size) -> tuple[int, int]:
-    """Bin-extent bound exact for RoIs no larger than the map (end - start + 1 <= H + 1).
+def _widest_bin(boxes, scale, size: int, n_out: int, axis: int) -> jax.Array:
+    """boxes (N, 4) -> the largest b1 - b0 of their bins along `axis` (1: y, 0: x)."""
+    b0, b1 = jax.vmap(lambda b: _bin_edges(b[axis], b[axis + 2], scale, size, n_out))(boxes)
+    return jnp.max(b1 - b0, initial=0)
 
-    A bin of a RoI of L pixels covers at most ceil(L / h) + 1 rows; never more than H.
+
+def default_max_bin(feature_hw: tuple[int, int], output_size) -> tuple[int, int]:
+    """Bin-extent bound that covers RoIs no larger than the map (end - start + 1 <= H + 1).
+
+    A bin of a RoI of L pixels covers at most ceil(L / h) + 1 rows; never more than H
+    (bins are clipped to the map), so (H, W) covers every RoI.
     """
     oh, ow = _pair(output_size)
     h_, w_ = feature_hw
@@ -82,20 +96,32 @@ def roi_pool(
       boxes: (B, R, 4) XYXY in input pixels; RoI r of image b pools from features[b].
       output_size: h or (h, w), static.
       spatial_scale: feature px per input px, static.
-      max_bin: static bound (K_h, K_w) (or an int) on the feature pixels one bin spans.
-        Default `default_max_bin`: exact for RoIs no larger than the map; the gather
-        reads K_h x K_w pixels per bin, so a smaller bound is faster and crops larger
-        bins to their first K rows/columns.
+      max_bin: opt-in static bound (K_h, K_w) (or an int) on the feature pixels one
+        bin spans: the gather reads K_h x K_w pixels per bin, so a smaller bound is
+        faster, but NOT exact: larger bins are cropped to their first K rows/columns.
+        Default None: exact for every box (`default_max_bin` when every bin of the call
+        fits it, else the whole map's (H, W), chosen at run time by `lax.cond`).
     Returns:
       (B, R, h, w, C) in features.dtype. No gradient flows into boxes.
     """
     if features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
         raise ValueError(f"need features (B, H, W, C) and boxes (B, R, 4), got {features.shape}, {boxes.shape}")
     out_hw = _pair(output_size)
-    if max_bin is None:
-        k_hw = default_max_bin(features.shape[1:3], out_hw)
-    else:
-        k_hw = (max_bin, max_bin) if isinstance(max_bin, int) else tuple(max_bin)
     boxes = jax.lax.stop_gradient(boxes).astype(jnp.float32)
-    fn = functools.partial(_pool_image, scale=jnp.float32(spatial_scale), out_hw=out_hw, k_hw=k_hw)
-    return jax.vmap(fn)(features, boxes).astype(features.dtype)
+    scale = jnp.float32(spatial_scale)
+
+    def pool(k_hw, f, b):
+        return jax.vmap(functools.partial(_pool_image, scale=scale, out_hw=out_hw, k_hw=k_hw))(f, b)
+
+    if max_bin is not None:
+        k_hw = (max_bin, max_bin) if isinstance(max_bin, int) else tuple(max_bin)
+        return pool(k_hw, features, boxes).astype(features.dtype)
+    fast, full = default_max_bin(features.shape[1:3], out_hw), tuple(features.shape[1:3])
+    if fast == full:
+        return pool(full, features, boxes).astype(features.dtype)
+    # RoIs larger than the map can have bins wider than `fast`: then the full bound
+    flat = boxes.reshape(-1, 4)
+    fits = ((_widest_bin(flat, scale, full[0], out_hw[0], axis=1) <= fast[0])
+            & (_widest_bin(flat, scale, full[1], out_hw[1], axis=0) <= fast[1]))
+    out = jax.lax.cond(fits, functools.partial(pool, fast), functools.partial(pool, full), features, boxes)
+    return out.astype(features.dtype)

@@ -52,6 +52,28 @@ def test_roi_pool_matches_torchvision(scale):
     assert (ref == 0).all(axis=(2, 3, 4)).sum() > 0  # some RoIs are empty (outside the map)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roi_pool_exact_for_boxes_larger_than_the_map(seed):
+    """Boxes several times the map, mostly outside it: the default stays exact."""
+    rng = np.random.default_rng(seed)
+    b, h, w, c, r, scale = 1, 9, 12, 2, 24, 0.25
+    x = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    cx, cy = rng.uniform(-2, 2, r) * w / scale, rng.uniform(-2, 2, r) * h / scale
+    bw, bh = rng.uniform(1, 8, r) * w / scale, rng.uniform(1, 8, r) * h / scale
+    boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).astype(np.float32)[None]
+    g = rng.standard_normal((b, r, 2, 3, c)).astype(np.float32)
+    ours, vjp = jax.vjp(lambda f: roi_pool(f, jnp.asarray(boxes), (2, 3), scale), jnp.asarray(x))
+    (grad,) = vjp(jnp.asarray(g))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    yt = torchvision.ops.roi_pool(xt, [torch.from_numpy(boxes[0])], (2, 3), scale)
+    yt.backward(torch.from_numpy(g.reshape(r, 2, 3, c)).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(np.asarray(ours), yt.detach().permute(0, 2, 3, 1).numpy()[None])
+    np.testing.assert_allclose(np.asarray(grad), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    # an opt-in bound smaller than the widest bin is inexact (documented)
+    small = roi_pool(jnp.asarray(x), jnp.asarray(boxes), (2, 3), scale, max_bin=2)
+    assert not np.array_equal(np.asarray(small), np.asarray(ours))
+
+
 def test_roi_pool_hand_computed():
     feat = jnp.arange(16.0).reshape(1, 4, 4, 1)  # value = 4 y + x
     out = roi_pool(feat, jnp.array([[[0.0, 0.0, 3.0, 3.0]]]), 2, 1.0)[0, 0, ..., 0]
