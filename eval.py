@@ -7,8 +7,11 @@ MAE: reconstruction loss on the eval split and a PNG (masked / reconstruction / 
 original) under workdir/images; classifier: top-1 accuracy; Mask R-CNN
 (`--config configs/maskrcnn/shapes.py`): COCO box and mask AP (pycocotools), the
 detections JSON under workdir/eval and a PNG of detections | ground truth under
-workdir/images.
+workdir/images. Failures the user can act on (no readable checkpoint, a checkpoint of
+another model, an invalid config) end with one line `error: ...` and exit status 1.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,7 +29,12 @@ def main(argv):
     runtime.setup()
     from segjax import train_loop
 
-    metrics = train_loop.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    try:
+        metrics = train_loop.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    except train_loop.USER_ERRORS as e:
+        logging.debug("traceback of the error below", exc_info=True)  # shown with --verbosity=1
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     logging.info("eval metrics: %s", metrics)
     print("eval:", " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 

@@ -3,11 +3,17 @@ r"""Train a segjax model from a config file.
   python train.py --config configs/mae/digits.py --workdir workdirs/mae_digits \
       [--config.total_steps=100 ...]
 
-Re-running with the same workdir resumes from its newest checkpoint. Several hosts:
-start the same command on each with `--coordinator_address=HOST:PORT
+Re-running with the same workdir resumes from its newest checkpoint. A failure the
+user can act on (invalid config, a workdir in use or written by another config, an
+unreadable checkpoint, a full or read-only disk, a non-finite step) ends with one
+line `error: ...` on stderr and exit status 1 (`--verbosity=1` adds its traceback).
+
+Several hosts: start the same command on each with `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (jax.distributed); on TPU pods and SLURM these are
 detected automatically with `--distributed`.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,7 +37,12 @@ def main(argv):
     from segjax import train_loop
 
     logging.info("config:\n%s", FLAGS.config)
-    metrics = train_loop.train(FLAGS.config, FLAGS.workdir)
+    try:
+        metrics = train_loop.train(FLAGS.config, FLAGS.workdir)
+    except train_loop.USER_ERRORS as e:
+        logging.debug("traceback of the error below", exc_info=True)  # shown with --verbosity=1
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     logging.info("final metrics: %s", metrics)
     print("final:", " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
 

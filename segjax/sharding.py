@@ -41,6 +41,10 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
     """Builds a mesh with Auto axes; one size may be -1 (takes the remaining devices)."""
     devices = list(jax.devices() if devices is None else devices)
     names, sizes = list(shape), list(shape.values())
+    bad = {n: s for n, s in shape.items() if isinstance(s, bool) or not isinstance(s, int)
+           or (s < 1 and s != -1)}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be -1 or a positive int, got {bad} in {shape}")
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {shape}")
     known = math.prod(s for s in sizes if s != -1)

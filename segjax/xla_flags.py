@@ -1,8 +1,14 @@
 """Process setup for XLA:CPU: `XLA_FLAGS` presets and host-memory reuse.
 
 Both must happen before JAX starts its backend (the first computation or device
-query; importing jax is fine), so entry points (`train.py`, `benchmarks/`) call
-`setup_cpu()` first; library code never does.
+query; importing jax is fine), so only an entry point can call `setup_cpu()`, first
+thing; library code never does. The CPU benchmarks (`benchmarks/mae_train_step.py`,
+`mask_rcnn.py`, `sam.py`) do. `train.py` and `eval.py` do not: the malloc settings
+are process-wide and trade memory for speed (one arena serialises the input
+pipeline's threads' allocations, and RSS never shrinks after a peak), they only pay
+off for XLA:CPU's large temporary buffers (on GPU/TPU hosts they buy nothing), and the
+default XLA preset is empty. A CPU training run that wants them calls `setup_cpu()`
+before `train_loop.train` in its own launcher.
 
 Host memory: XLA:CPU allocates each executable's temporary buffer (about 1.2 GB for
 an MAE ViT-B/16 train step at batch 8) with `posix_memalign` on a worker thread, and

@@ -15,12 +15,11 @@ warmup + cosine, global-pool head, label smoothing 0.1.
 """
 
 from configs.base import base_config
+from configs.common import parse_arg
 
 
 def get_config(arg=None):
-    mode = arg or "finetune"
-    if mode not in ("finetune", "scratch", "linear_probe"):
-        raise ValueError(f"mode must be finetune, scratch or linear_probe, got {mode!r}")
+    mode = parse_arg(arg, variants=("finetune", "scratch", "linear_probe")).variant
     c = base_config()
     c.task = "classification"
     c.model.name = "vit_tiny"

@@ -11,15 +11,17 @@ AdamW (0.9, 0.95); normalised-pixel targets; random-resized-crop (0.2, 1) + flip
 """
 
 from configs.base import base_config
+from configs.common import parse_arg
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def get_config(arg=None):
+    # the architecture: configs/mae/vit_b16_imagenet.py:l16 trains MAE ViT-L/16
+    arg = parse_arg(arg, variants=("b16", "l16", "h14"))
     c = base_config()
     c.task = "mae"
-    variant = arg or "b16"
-    c.model.name = f"mae_vit_{variant}"
+    c.model.name = f"mae_vit_{arg.variant}"
     c.model.kwargs = {"norm_pix_loss": True, "mask_ratio": 0.75}
     c.batch_size = 4096
     c.eval_batch_size = 1024

@@ -20,12 +20,14 @@ torchvision's 91-slot heads (e.g. converted COCO weights).
 """
 
 from configs.base import base_config
+from configs.common import parse_arg
 from segjax.models.maskrcnn.backbone import frozen_patterns
 
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with annotations
 
 
 def get_config(arg=None):
+    arg = parse_arg(arg, runlocal=False)
     c = base_config()
     c.task = "maskrcnn"
     c.model.name = "mask_rcnn_r50_fpn"
@@ -64,7 +66,7 @@ def get_config(arg=None):
     c.eval_every = 5000
     c.checkpoint.save_every = 2000
     c.init_from.allow_missing = (r"^backbone/fpn/", r"^rpn/", r"^roi_heads/")
-    if arg == "runlocal":
+    if arg.runlocal:
         c.batch_size = 2
         c.eval_batch_size = 2
         c.total_steps = 10
