@@ -1,6 +1,8 @@
 """torch <-> segjax weight converters: table-driven renames plus named layout transforms.
 
-CLI: `python -m segjax.convert {mae,sam} SRC OUT_DIR` (see `segjax/convert/__main__.py`).
+CLI: `python -m segjax.convert {mae,sam,maskrcnn} SRC OUT_DIR [--force]` and `--reverse`
+(see `segjax/convert/__main__.py`). Sources and outputs that cannot be used raise
+`ConversionError` (the CLI: one line naming the path and the cause, exit status 2).
 """
 
 from segjax.convert.common import (

@@ -13,10 +13,13 @@ Everything here is numpy; torch is imported only inside the `.pth` reader/writer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -27,7 +30,17 @@ StateDict = dict[str, np.ndarray]
 
 
 class ConversionError(ValueError):
-    """A state dict that the converter cannot map completely onto the target."""
+    """A state dict that the converter cannot map completely onto the target, or a
+    source / output path it cannot use (the CLI prints it and exits with status 2)."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` (at most `limit` characters) for error messages."""
+    text = str(e).strip().splitlines()
+    text = text[0] if text else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -120,7 +133,7 @@ class Report:
                              "an unsupported variant (pass ignore= regexes to drop known extras)")
             if self.missing:
                 hints.append("missing target leaves: the source lacks tensors the model needs")
-            raise ConversionError(f"{what} failed:\n{self.summary()}\n" + "\n".join(hints))
+            raise ConversionError("\n".join([f"{what} failed:", self.summary(), *hints]))
 
 
 def rename(sd: StateDict, rules: Sequence[Rule], ignore: Iterable[str] = (),
@@ -264,8 +277,12 @@ def read_pth(path: str) -> tuple[StateDict, dict]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ConversionError(f"{path}: refusing to unpickle non-tensor objects with "
-                              f"weights_only=True ({e}); re-save the state dict alone") from e
+        if "weights only load failed" in str(e).lower():
+            raise ConversionError(f"{path}: refusing to unpickle non-tensor objects with weights_only=True "
+                                  f"({one_line(e, 200)}); re-save the state dict alone") from e
+        raise ConversionError(f"{path}: not a readable torch file, truncated or corrupt ({one_line(e)})") from e
+    except Exception as e:  # noqa: BLE001 - torch reports a damaged file in many ways
+        raise ConversionError(f"{path}: not a readable torch file, truncated or corrupt ({one_line(e)})") from e
     info: dict[str, Any] = {"container": None}
     if isinstance(obj, dict):
         for k in _WRAPPERS:
@@ -287,7 +304,19 @@ def read_pth(path: str) -> tuple[StateDict, dict]:
 def read_safetensors(path: str) -> StateDict:
     from safetensors.numpy import load_file
 
-    return dict(load_file(path))
+    try:
+        return dict(load_file(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, or a dtype numpy lacks
+        raise ConversionError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                              f"({one_line(e)})") from e
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: unreadable {what} ({one_line(e)})") from e
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict]:
@@ -300,6 +329,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict]:
     path = os.fspath(path)
     info: dict[str, Any] = {"path": os.path.abspath(path), "config": None}
     config_dir = os.path.dirname(path)
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such file or directory")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ConversionError(f"{path}: empty file (0 bytes)")
     if os.path.isdir(path):
         config_dir = path
         candidates = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -309,8 +342,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict]:
             raise ConversionError(f"{path} is a directory without any of {candidates}")
         path = os.path.join(path, found[0])
     if path.endswith(".index.json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        index = _read_json(path, "shard index")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ConversionError(f"{path}: shard index without a 'weight_map' object")
+        shards = sorted(set(index["weight_map"].values()))
         sd: StateDict = {}
         for shard in shards:
             sd.update(read_state_dict(os.path.join(os.path.dirname(path), shard))[0])
@@ -328,8 +363,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict]:
                               ".safetensors or a model directory)")
     cfg_path = os.path.join(config_dir, "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            info["config"] = json.load(f)
+        info["config"] = _read_json(cfg_path, "config.json")
+        if not isinstance(info["config"], dict):
+            raise ConversionError(f"{cfg_path}: config.json is not a JSON object")
     return sd, info
 
 
@@ -343,7 +379,8 @@ def write_state_dict(sd: StateDict, path: str | os.PathLike, wrap_key: str | Non
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".safetensors"):
         if wrap_key is not None:
-            raise ValueError("safetensors files hold a flat state dict; cannot wrap it")
+            raise ConversionError(f"{path}: safetensors files hold a flat state dict; cannot wrap it "
+                                  f"as {{{wrap_key!r}: sd}} (write a .pth)")
         from safetensors.numpy import save_file
 
         save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path,
@@ -354,5 +391,199 @@ def write_state_dict(sd: StateDict, path: str | os.PathLike, wrap_key: str | Non
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
         torch.save({wrap_key: tensors} if wrap_key else tensors, path)
     else:
-        raise ValueError(f"{path}: write .safetensors or .pth/.pt/.bin")
+        raise ConversionError(f"{path}: unknown weight file type; write .safetensors or .pth/.pt/.bin")
     return path
+
+
+# ----------------------------------------------------------------------------- outputs
+# A converter never replaces something it did not write unless asked (`force`), and a
+# converted checkpoint is written where `segjax.checkpoint.load_params` looks, with no
+# other step beside it, so loaders return the converted params and nothing older.
+
+# Orbax step directories of a segjax checkpoint root: "0", "1000", unfinished
+# "12.orbax-checkpoint-tmp-...", and steps moved aside by the training loop ("12.corrupt").
+_STEP_DIR = re.compile(r"^\d+(\..+)?$")
+
+
+@contextlib.contextmanager
+def _quiet_checkpoint_logs():
+    """Silences Orbax's read-only notices and `load_params`'s per-step warnings (absl /
+    segjax.checkpoint loggers) while a converter reads a checkpoint: a failure is
+    reported once, by the ConversionError raised."""
+    loggers = [logging.getLogger(n) for n in ("absl", "segjax.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str | None:
+    """'workdir' (a training workdir: holds `checkpoints/`), 'checkpoint' (a checkpoint
+    root: holds step directories), or None."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return "workdir"
+    if any(_STEP_DIR.match(e) and os.path.isdir(os.path.join(path, e)) for e in os.listdir(path)):
+        return "checkpoint"
+    return None
+
+
+def check_output_dir(out: str | os.PathLike, force: bool = False) -> None:
+    """Refuses an output directory that is a file, or is not empty (without `force`)."""
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConversionError(f"{out}: exists and is not a directory (a segjax checkpoint is a directory)")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        kind = checkpoint_kind(out)
+        what = {"workdir": "is a training workdir", "checkpoint": "already holds a segjax checkpoint"}.get(
+            kind, "is not empty")
+        raise ConversionError(f"{out}: {what}; refusing to write a converted checkpoint there "
+                              "(pass --force to replace its checkpoint, or choose a new directory)")
+
+
+def _remove_tree(path: str, patience_s: float = 5.0) -> None:
+    """rmtree that outlasts writer threads of a failed Orbax save still creating files."""
+    import time
+
+    deadline = time.monotonic() + patience_s
+    while os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def write_checkpoint(out: str | os.PathLike, params: Any, meta: dict, force: bool = False) -> str:
+    """Writes a converted params-only checkpoint to `out` (see `check_output_dir`).
+
+    The checkpoint is written and read back in a scratch directory first; only then,
+    with `force`, are the steps that `load_params(out)` would read (those of a checkpoint
+    root, or of a workdir's `checkpoints/`) deleted and the new step moved in, so a
+    failed write leaves the old checkpoint as it was. Nothing else in `out` is touched.
+    A training workdir is locked meanwhile (`segjax.runtime.WorkdirLock`): one that a
+    running training holds is refused. Returns the directory written.
+    """
+    import tempfile
+
+    from segjax.checkpoint import load_meta, resolve_dir, save_params
+    from segjax.runtime import WorkdirError, WorkdirLock
+
+    out = os.fspath(out)
+    check_output_dir(out, force)
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{out}: the checkpoint meta is not JSON ({one_line(e)})") from e
+    target = resolve_dir(out)
+    try:
+        os.makedirs(target, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=".segjax-convert-", dir=target)
+    except OSError as e:
+        raise ConversionError(f"{out}: cannot create the output directory ({one_line(e)})") from e
+    try:
+        try:
+            save_params(scratch, params, meta)
+            with _quiet_checkpoint_logs():
+                load_meta(scratch)
+        except Exception as e:  # noqa: BLE001 - Orbax reports a failed write in many ways
+            raise ConversionError(f"{out}: writing the checkpoint failed ({one_line(e)})") from e
+        lock = WorkdirLock(out) if checkpoint_kind(out) == "workdir" else None
+        try:
+            if lock is not None:
+                lock.acquire()
+        except WorkdirError as e:
+            raise ConversionError(f"{out}: {one_line(e, 400).split(': ', 1)[-1]}") from e
+        try:
+            for entry in sorted(os.listdir(target)):
+                full = os.path.join(target, entry)
+                if _STEP_DIR.match(entry) and os.path.isdir(full):
+                    shutil.rmtree(full)
+            for entry in os.listdir(scratch):
+                os.replace(os.path.join(scratch, entry), os.path.join(target, entry))
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        _remove_tree(scratch)
+    with _quiet_checkpoint_logs():
+        written = load_meta(out)
+    if written.get("step") != 0 or written.get("model") != meta.get("model"):
+        raise ConversionError(f"{out}: loaders read step {written.get('step')} "
+                              f"({written.get('model')!r}), not the converted checkpoint")
+    return target
+
+
+def check_output_file(path: str | os.PathLike, force: bool = False) -> None:
+    """Refuses to overwrite an existing file (without `force`) or a directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConversionError(f"{path}: is a directory; give a file name (e.g. {os.path.join(path, 'model.pth')})")
+    if os.path.exists(path) and not force:
+        raise ConversionError(f"{path}: already exists (pass --force to overwrite it)")
+
+
+# Weight files `from_pretrained` and `read_state_dict` look for in a model directory.
+_HF_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def prepare_hf_dir(out: str | os.PathLike, force: bool = False) -> str:
+    """A Hugging Face model directory to write: new or empty, or (with `force`) emptied
+    of weight files and config.json, so that no stale shard or index outranks the new
+    `model.safetensors`. Returns the directory."""
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConversionError(f"{out}: exists and is not a directory (Hugging Face models are directories)")
+    if os.path.isdir(out) and os.listdir(out):
+        if not force:
+            raise ConversionError(f"{out}: directory is not empty (pass --force to replace its weights "
+                                  "and config.json, or choose a new directory)")
+        for entry in os.listdir(out):
+            if (_HF_WEIGHTS.match(entry) or entry == "config.json") and os.path.isfile(os.path.join(out, entry)):
+                os.remove(os.path.join(out, entry))
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def export_path(out: str | os.PathLike, default_name: str, force: bool = False,
+                suffixes: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")) -> str:
+    """The file a reverse converter writes: `out`, or `out/default_name` for a
+    suffix-less `out` (a directory, which must be new or empty without `force`)."""
+    out = os.fspath(out)
+    suffix = os.path.splitext(out)[1]
+    if suffix and suffix not in suffixes:
+        raise ConversionError(f"{out}: unknown weight file type {suffix!r}; write one of {', '.join(suffixes)}")
+    if not os.path.splitext(out)[1]:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ConversionError(f"{out}: exists and is not a directory")
+        if os.path.isdir(out) and os.listdir(out) and not force:
+            raise ConversionError(f"{out}: directory is not empty (pass --force to write "
+                                  f"{default_name} into it, or choose a new path)")
+        out = os.path.join(out, default_name)
+    check_output_file(out, force)
+    return out
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, family: str, prefixes: tuple[str, ...]) -> tuple[Any, dict]:
+    """`load_params` for a reverse converter: a missing, unreadable or other-family
+    checkpoint is a `ConversionError` naming the path."""
+    from segjax.checkpoint import CheckpointError, load_params
+
+    path = os.fspath(ckpt_dir)
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such checkpoint directory")
+    try:
+        with _quiet_checkpoint_logs():
+            params, meta = load_params(path)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise ConversionError(f"{path}: not a readable segjax checkpoint ({one_line(e)})") from e
+    model = str(meta.get("model", ""))
+    if not model.startswith(prefixes):
+        raise ConversionError(f"{path}: holds model {model!r}, not a {family} checkpoint "
+                              f"(expected {' / '.join(p + '*' for p in prefixes)})")
+    return params, meta

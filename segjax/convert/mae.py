@@ -12,6 +12,16 @@ Sources (read by `segjax.convert.common.read_state_dict`):
             as `decoder.decoder_encoder.layer.i`). `ViTMAEModel` (no `vit.` prefix) too.
 
 Checkpoint metadata convention (what `convert` writes beside the params):
+  meta['model'] is the registry builder equal to the inferred architecture, or the
+  nearest one (fewest differing fields); meta['model_kwargs'] holds every inferred
+  field, so `models.build(meta['model'], **meta['model_kwargs'])` rebuilds the network;
+  meta['overrides'] are the fields that differ from the builder's ({} for an exact
+  registry variant); meta['architecture'] describes it in words (widths, depths, heads,
+  MLP widths, qkv bias, activation, eps, ...). Honoured from the weights' shapes: widths,
+  depths, encoder and decoder MLP widths (decoder_mlp_ratio when it differs from the
+  encoder's), qkv bias, patch / image size, channels; from a Hugging Face config.json
+  (checked against the shapes): heads, layer_norm_eps, hidden_act, norm_pix_loss,
+  mask_ratio.
   meta['params'] is one of
     'mae'             full MAE (encoder + decoder): meta['model'] = 'mae_vit_*',
                       model_kwargs rebuild it exactly; has_decoder = True.
@@ -42,20 +52,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import models
-from segjax.checkpoint import flatten_paths, load_params, save_params
+from segjax.checkpoint import flatten_paths
 from segjax.convert.common import (
     ConversionError,
     Report,
     Rule,
     StateDict,
     check_leaves,
+    check_output_dir,
+    export_path,
+    load_checkpoint,
+    prepare_hf_dir,
     read_state_dict,
     rename,
     unflatten,
     unrename,
+    write_checkpoint,
     write_state_dict,
 )
-from segjax.models.vit import sincos_posemb_2d
+from segjax.models.vit import ACTIVATIONS, sincos_posemb_2d
 
 # ----------------------------------------------------------------------------- tables
 
@@ -166,6 +181,12 @@ KNOWN_IGNORABLE: dict[str, tuple[str, ...]] = {
 _ENCODER_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 _DECODER_HEADS = {512: 16}
 _DECODER_PREFIXES = (r"^decoder_", r"^mask_token$")
+# segjax activation -> the timm `act_layer` name of the same function
+_TIMM_ACT = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+             "gelu_python_tanh": "gelu_tanh", "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh",
+             "quick_gelu": "quick_gelu", "relu": "relu", "relu6": "relu6", "leaky_relu": "leaky_relu",
+             "silu": "silu", "swish": "silu", "mish": "mish", "hardswish": "hardswish", "tanh": "tanh",
+             "sigmoid": "sigmoid", "linear": "identity"}
 
 # ----------------------------------------------------------------------------- detection
 
@@ -230,6 +251,37 @@ def _depth(flat: StateDict, prefix: str) -> int:
     return len(idx)
 
 
+def mlp_ratio_for(hidden: int, width: int) -> float:
+    """The float ratio r with int(width * r) == hidden: the MLP width formula of segjax's,
+    timm's and the official MAE's blocks (hidden / width itself, or the next float above
+    it where the product rounds down)."""
+    r = hidden / width
+    for _ in range(8):
+        if int(width * r) == hidden:
+            return r
+        r = float(np.nextafter(r, np.inf))
+    raise ConversionError(f"MLP width {hidden} is not int({width} * ratio) for any float ratio")
+
+
+def describe(kw: dict, kind: str = "mae") -> str:
+    """The architecture in words: every field that changes the network."""
+    d, e = kw["embed_dim"], kw.get("decoder_embed_dim")
+    img = kw.get("img_size")
+    enc = (f"{img}x{img} images, patch {kw['patch_size']}, {kw.get('in_chans', 3)} channels; encoder width {d}, "
+           f"depth {kw['depth']}, {kw['num_heads']} heads, MLP {int(d * kw.get('mlp_ratio', 4.0))}")
+    common = (f"qkv bias {kw.get('qkv_bias', True)}, act {kw.get('act', 'gelu')}, "
+              f"LayerNorm eps {kw.get('ln_eps', 1e-6):g}")
+    if kind == "vit_classifier":
+        return (f"ViT classifier: {enc}; {common}; {kw['num_classes']} classes, "
+                f"{'mean-pool + fc_norm' if kw.get('global_pool') else 'class token'} head")
+    if kind == "mae_encoder" or e is None:
+        return f"MAE encoder: {enc}; {common}"
+    ratio = kw.get("decoder_mlp_ratio") or kw.get("mlp_ratio", 4.0)
+    return (f"MAE: {enc}; decoder width {e}, depth {kw['decoder_depth']}, {kw['decoder_num_heads']} heads, "
+            f"MLP {int(e * ratio)}; {common}; norm_pix_loss {kw.get('norm_pix_loss', False)}, "
+            f"mask_ratio {kw.get('mask_ratio', 0.75)}")
+
+
 def _abstract_leaves(name: str, kwargs: dict, img_size: int, in_chans: int) -> dict[str, tuple]:
     model = models.build(name, **kwargs)
     x = jnp.zeros((1, img_size, img_size, in_chans), jnp.float32)
@@ -241,33 +293,44 @@ def _abstract_leaves(name: str, kwargs: dict, img_size: int, in_chans: int) -> d
     return {k: tuple(v.shape) for k, v in flatten_paths(shapes).items()}
 
 
-def _registry_name(kind: str, kw: dict, variant: str | None) -> str:
+def _overrides(name: str, kw: dict) -> dict[str, Any]:
+    """The fields of `kw` whose values differ from registry builder `name`'s."""
+    proto = models.MODELS[name]()
+    return {k: v for k, v in kw.items() if getattr(proto, k) != v}
+
+
+def registry_name(kind: str, kw: dict, variant: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(registry name, the fields of `kw` that differ from it).
+
+    `variant` (a name or a suffix such as 'b16') is checked and used as given; otherwise
+    the registered `mae_vit_*` / `vit_*` builder with the fewest differing fields (none:
+    `kw` is that variant exactly). `models.build(name, **kw)` rebuilds the model either way.
+    """
     prefix = "vit_" if kind == "vit_classifier" else "mae_vit_"
+    names = sorted(n for n in models.MODELS if n.startswith(prefix))
     if variant:
         name = variant if variant in models.MODELS else prefix + variant
-        if name not in models.MODELS or not name.startswith(prefix):
-            raise ConversionError(f"variant {variant!r} is not a registered {prefix}* model; "
-                                  f"choices: {sorted(n for n in models.MODELS if n.startswith(prefix))}")
-        return name
-    arch = ("patch_size", "embed_dim", "depth", "num_heads")
-    names = sorted(n for n in models.MODELS if n.startswith(prefix))
-    for n in names:
-        if all(models.MODELS[n].defaults.get(a) == kw[a] for a in arch):
-            return n
-    for n in names:  # same width and patch: the nearest builder; kwargs complete it
-        if all(models.MODELS[n].defaults.get(a) == kw[a] for a in arch[:2]):
-            return n
-    for n in names:
-        if models.MODELS[n].defaults.get("embed_dim") == kw["embed_dim"]:
-            return n
-    return prefix + "b16"
+        if name not in names:
+            raise ConversionError(f"variant {variant!r} is not a registered {prefix}* model; choices: {names}")
+        return name, _overrides(name, kw)
+    return min(((n, _overrides(n, kw)) for n in names), key=lambda t: len(t[1]))
 
 
-def _check_hf_config(cfg: dict, kw: dict, report: Report) -> None:
-    def expect(key, value, default=None):
-        got = cfg.get(key, default)
-        if isinstance(got, (list, tuple)) and len(set(got)) == 1:  # image_size=[224, 224]
-            got = got[0]
+def _config_value(cfg: dict, key: str):
+    got = cfg.get(key)
+    if isinstance(got, (list, tuple)):
+        if len(set(got)) != 1:
+            raise ConversionError(
+                f"config.json {key}={list(got)}: non-square {key.split('_')[0]}s are not supported "
+                "(transformers' ViTMAEForPreTraining and segjax's MAE take square images and patches)")
+        got = got[0]
+    return got
+
+
+def _check_hf_config(cfg: dict, kw: dict, kind: str, report: Report) -> None:
+    """Every network field of a ViTMAEConfig against what the weights imply."""
+    def expect(key, value):
+        got = _config_value(cfg, key)
         if got is not None and got != value:
             report.shape_errors.append(f"config.json {key}={got!r} but the weights imply {value!r}")
 
@@ -276,15 +339,25 @@ def _check_hf_config(cfg: dict, kw: dict, report: Report) -> None:
     expect("patch_size", kw["patch_size"])
     expect("image_size", kw["img_size"])
     expect("num_channels", kw["in_chans"])
-    expect("intermediate_size", int(kw["embed_dim"] * kw["mlp_ratio"]))
-    if cfg.get("hidden_act", "gelu") != "gelu":
-        report.shape_errors.append(f"hidden_act {cfg['hidden_act']!r} unsupported (segjax uses exact GELU)")
-    if not cfg.get("qkv_bias", True):
-        report.shape_errors.append("qkv_bias=False is unsupported by segjax MAE")
-    if "decoder_embed_dim" in kw:
-        expect("decoder_hidden_size", kw["decoder_embed_dim"])
+    if kw["depth"]:
+        expect("intermediate_size", int(kw["embed_dim"] * kw["mlp_ratio"]))
+    if kind == "mae":
+        e = kw["decoder_embed_dim"]
+        expect("decoder_hidden_size", e)
         expect("decoder_num_hidden_layers", kw["decoder_depth"])
-        expect("decoder_intermediate_size", int(kw["decoder_embed_dim"] * kw["mlp_ratio"]))
+        if kw["decoder_depth"]:
+            expect("decoder_intermediate_size", int(e * (kw.get("decoder_mlp_ratio") or kw["mlp_ratio"])))
+    if kw["depth"] or kw.get("decoder_depth"):
+        expect("qkv_bias", kw.get("qkv_bias", True))
+    if cfg.get("head_dim") not in (None, kw["embed_dim"] // kw["num_heads"]):
+        report.shape_errors.append(f"config.json head_dim={cfg['head_dim']} is not hidden_size / heads "
+                                   "(segjax attention uses width / heads)")
+
+
+def _check_heads(width: int, heads: int, what: str) -> None:
+    if heads <= 0 or width % heads:
+        raise ConversionError(f"{what} width {width} is not divisible by {heads} heads "
+                              "(segjax attention splits the width evenly)")
 
 
 # ----------------------------------------------------------------------------- torch -> segjax
@@ -299,20 +372,28 @@ def from_state_dict(
     decoder_num_heads: int | None = None,
     norm_pix_loss: bool | None = None,
     ln_eps: float | None = None,
+    act: str | None = None,
     variant: str | None = None,
     ignore: Iterable[str] = (),
     posemb_order: str = "wh",
 ) -> tuple[dict[str, Any], dict, Report]:
     """A torch MAE / ViT state dict -> (segjax params, meta, report).
 
+    Shapes give the widths, depths, MLP widths (encoder and decoder separately), patch
+    and image size, channels and whether the attention has a qkv bias; a Hugging Face
+    `config.json` gives what weights cannot (heads, eps, activation, norm_pix_loss,
+    mask_ratio) and is checked against the weights for everything else.
+
     Args:
       sd: key -> numpy array, official / timm / Hugging Face naming (auto-detected).
-      config: a Hugging Face `config.json` dict (heads, eps, norm_pix_loss, mask_ratio).
+      config: a Hugging Face `config.json` dict (a `ViTMAEConfig`).
       source_info: recorded in meta['source'] (path, file format, ...).
       num_heads, decoder_num_heads: override the head counts (not in a fused state dict).
       norm_pix_loss: the decoder's target; default from config.json, else the official
         file name (`*_full` True, `mae_visualize_*` False), else False.
       ln_eps: LayerNorm epsilon; default config.json's (transformers: 1e-12), else 1e-6.
+      act: MLP activation (a transformers `hidden_act` name, see
+        `segjax.models.vit.ACTIVATIONS`); default config.json's, else 'gelu'.
       variant: registry name (or suffix such as 'b16') to record; default inferred.
       ignore: regexes of source keys that may be dropped.
       posemb_order: channel order of a table that must be generated (a Hugging Face
@@ -320,7 +401,8 @@ def from_state_dict(
         builds its table (h, w) and rotates it to the official "wh" order.
     Returns:
       params: nested dict of float32 numpy arrays in segjax naming (no 'params' level).
-      meta: {'model', 'model_kwargs', 'params', 'has_decoder', 'source'} (see module doc).
+      meta: {'model', 'model_kwargs', 'overrides', 'architecture', 'params',
+        'has_decoder', 'source'} (see module doc).
       report: what was used / ignored; raises `ConversionError` instead of returning a
         report with unmapped, missing, unexpected or mis-shaped entries.
     """
@@ -331,33 +413,43 @@ def from_state_dict(
     cfg = config if (fmt == "hf" and config) else {}
     if fmt == "hf" and cfg.get("model_type", "vit_mae") != "vit_mae":
         raise ConversionError(f"config.json model_type is {cfg['model_type']!r}, not 'vit_mae'")
+    for key in ("image_size", "patch_size"):
+        _config_value(cfg, key)  # non-square: a clear error before the shapes complain
     rules = HF_RULES if fmt == "hf" else OFFICIAL_RULES
     flat, report = rename(sd, rules, (*KNOWN_IGNORABLE[fmt], *ignore), report)
     flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     report.raise_if_bad("renaming")
-    for key in ("cls_token", "pos_embed", "patch_embed/proj/kernel", "blocks_0/mlp/fc1/kernel"):
+    for key in ("cls_token", "pos_embed", "patch_embed/proj/kernel"):
         if key not in flat:
             report.missing.append(key)
     report.raise_if_bad("reading the encoder")
 
     kind = ("vit_classifier" if "head/kernel" in flat else
-            "mae" if any(k.startswith("decoder_") for k in flat) else "mae_encoder")
+            "mae" if any(k.startswith(("decoder_", "mask_token")) for k in flat) else "mae_encoder")
     d = flat["cls_token"].shape[-1]
     kernel = flat["patch_embed/proj/kernel"]  # (P, P, C, D)
     p, in_chans = kernel.shape[0], kernel.shape[2]
+    if kernel.shape[0] != kernel.shape[1]:
+        raise ConversionError(f"patch projection {kernel.shape[:2]} is not square; segjax MAE patches are")
     rows = flat["pos_embed"].shape[1]
     g = math.isqrt(rows - 1)
     if g * g != rows - 1:
         raise ConversionError(
             f"pos_embed has {rows} rows: not 1 class token + a square grid (timm "
             "no_embed_class / registers / non-square inputs are not supported)")
-    hidden = flat["blocks_0/mlp/fc1/kernel"].shape[1]
-    kw: dict[str, Any] = dict(img_size=g * p, patch_size=p, embed_dim=d, depth=_depth(flat, "blocks"),
-                              mlp_ratio=hidden / d)
-    if int(d * kw["mlp_ratio"]) != hidden:
-        raise ConversionError(f"MLP width {hidden} is not int({d} * ratio) for any float ratio")
+    depth = _depth(flat, "blocks")
+    if depth:
+        hidden = flat["blocks_0/mlp/fc1/kernel"].shape[1] if "blocks_0/mlp/fc1/kernel" in flat else None
+        if hidden is None:
+            report.missing.append("blocks_0/mlp/fc1/kernel")
+            report.raise_if_bad("reading the encoder")
+        ratio = mlp_ratio_for(hidden, d)
+    else:  # no encoder blocks: nothing to infer the MLP width from
+        ratio = mlp_ratio_for(int(cfg["intermediate_size"]), d) if cfg.get("intermediate_size") else 4.0
+    kw: dict[str, Any] = dict(img_size=g * p, patch_size=p, embed_dim=d, depth=depth, mlp_ratio=ratio)
     heads, source["num_heads_from"] = _heads(d, num_heads, cfg.get("num_attention_heads"),
                                              _ENCODER_HEADS, "encoder", report.notes)
+    _check_heads(d, heads, "encoder")
     kw["num_heads"] = heads
     if ln_eps is not None:
         kw["ln_eps"], source["ln_eps_from"] = float(ln_eps), "argument"
@@ -366,6 +458,25 @@ def from_state_dict(
         source["ln_eps_from"] = "config.json" if "layer_norm_eps" in cfg else "transformers default"
     else:
         kw["ln_eps"], source["ln_eps_from"] = 1e-6, "official MAE / timm default"
+    biased = {prefix: f"{prefix}_0/attn/qkv/bias" in flat
+              for prefix in ("blocks", "decoder_blocks") if f"{prefix}_0/attn/qkv/kernel" in flat}
+    if len(set(biased.values())) > 1:
+        raise ConversionError(f"qkv bias in {[k for k, v in biased.items() if v]} only; segjax's MAE "
+                              "has one qkv_bias for encoder and decoder (as transformers and the official MAE)")
+    qkv_bias = next(iter(biased.values())) if biased else bool(cfg.get("qkv_bias", True))
+    if act is not None:
+        source["act_from"] = "argument"
+    elif "hidden_act" in cfg:
+        act, source["act_from"] = cfg["hidden_act"], "config.json"
+    else:
+        act, source["act_from"] = "gelu", "official MAE / timm / transformers default"
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise ConversionError(
+            f"activation {act!r} ({source['act_from']}) is not supported by segjax; supported: "
+            f"{sorted(ACTIVATIONS)} (activations with learned parameters, prelu and xielu, are not)")
+    for prob in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if cfg.get(prob):
+            report.notes.append(f"config.json {prob}={cfg[prob]} ignored: segjax's MAE trains without dropout")
 
     generated = []
     if kind == "vit_classifier":
@@ -375,6 +486,10 @@ def from_state_dict(
         kw["global_pool"] = "fc_norm/scale" in flat
     else:
         kw["in_chans"] = in_chans
+    if act != "gelu":
+        kw["act"] = act
+    if not qkv_bias:
+        kw["qkv_bias"] = False
     if kind == "mae":
         e = flat["decoder_embed/kernel"].shape[1] if "decoder_embed/kernel" in flat else None
         if e is None:
@@ -384,6 +499,15 @@ def from_state_dict(
         kw["decoder_num_heads"], source["decoder_num_heads_from"] = _heads(
             e, decoder_num_heads, cfg.get("decoder_num_attention_heads"), _DECODER_HEADS, "decoder",
             report.notes)
+        _check_heads(e, kw["decoder_num_heads"], "decoder")
+        dec_fc1 = flat.get("decoder_blocks_0/mlp/fc1/kernel")
+        if kw["decoder_depth"] and dec_fc1 is None:
+            report.missing.append("decoder_blocks_0/mlp/fc1/kernel")
+            report.raise_if_bad("reading the decoder")
+        dec_hidden = (dec_fc1.shape[1] if dec_fc1 is not None else
+                      int(cfg["decoder_intermediate_size"]) if cfg.get("decoder_intermediate_size") else None)
+        if dec_hidden is not None and int(e * kw["mlp_ratio"]) != dec_hidden:
+            kw["decoder_mlp_ratio"] = mlp_ratio_for(dec_hidden, e)
         if "decoder_pos_embed" not in flat and fmt == "hf":
             # NOTE: transformers 5.x leaves a missing decoder_pos_embed at zeros (its init is
             # skipped for loaded models); the table MAE was trained with is the fixed sin-cos.
@@ -403,32 +527,43 @@ def from_state_dict(
                                 "pass --norm-pix-loss/--no-norm-pix-loss to set it")
         if "mask_ratio" in cfg:
             kw["mask_ratio"] = float(cfg["mask_ratio"])
+            if not 0.0 <= kw["mask_ratio"] < 1.0:
+                raise ConversionError(f"config.json mask_ratio={cfg['mask_ratio']} is outside [0, 1)")
+    arch = describe(kw, kind)
     if cfg:
-        _check_hf_config(cfg, kw, report)
+        _check_hf_config(cfg, kw, kind, report)
+        report.raise_if_bad(f"checking config.json against the weights ({arch})")
 
-    name = _registry_name(kind, kw, variant)
-    abstract = _abstract_leaves(name, kw, kw["img_size"], in_chans)
+    name, overrides = registry_name(kind, kw, variant)
+    what = f"{name}{' + ' + str(overrides) if overrides else ''} ({arch})"
+    try:
+        abstract = _abstract_leaves(name, kw, kw["img_size"], in_chans)
+    except ValueError as e:
+        raise ConversionError(f"cannot build {what}: {e}") from e
     check_leaves(flat, abstract, report, allow_missing=_DECODER_PREFIXES if kind == "mae_encoder" else ())
-    report.raise_if_bad(f"converting to {name}")
+    report.raise_if_bad(f"converting to {what}")
 
     source.update(naming="hf" if fmt == "hf" else "official/timm", num_tensors=len(sd),
                   generated=generated, ignored=report.ignored)
     if cfg:
         source["hf_config"] = cfg
-    meta = {"model": name, "model_kwargs": kw, "params": kind, "has_decoder": kind == "mae",
-            "source": source}
+    meta = {"model": name, "model_kwargs": kw, "overrides": overrides, "architecture": arch,
+            "params": kind, "has_decoder": kind == "mae", "source": source}
     return unflatten(flat), meta, report
 
 
-def convert(src: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> tuple[dict, Report]:
+def convert(src: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False,
+            **kwargs) -> tuple[dict, Report]:
     """Reads `src` (file or HF directory), converts, writes a segjax checkpoint to out_dir.
 
+    out_dir must be new or empty unless `force` (see `common.write_checkpoint`).
     kwargs: those of `from_state_dict`. Returns (meta, report).
     """
+    check_output_dir(out_dir, force)
     sd, info = read_state_dict(src)
     config = info.pop("config", None)
     params, meta, report = from_state_dict(sd, config=config, source_info=info, **kwargs)
-    save_params(out_dir, params, meta)
+    write_checkpoint(out_dir, params, meta, force)
     return meta, report
 
 
@@ -454,24 +589,47 @@ def to_state_dict(params: dict, meta: dict, fmt: str, hf_naming: str = "legacy")
         `model.state_dict()` of transformers>=5 (for `load_state_dict(strict=True)`).
     Returns:
       (state dict, extra) where extra holds 'config' (hf: config.json) or
-      'timm_kwargs' (timm: VisionTransformer constructor arguments) and 'dropped'.
+      'timm_kwargs' (timm: VisionTransformer constructor arguments), 'dropped', and
+      'notes': fields of the model that the format's reference code cannot express or
+      that the file does not record (official and timm read back as GELU, eps 1e-6).
+    Raises:
+      ConversionError for an activation the format's reference model cannot have
+      (official MAE: GELU only; timm: its named activations).
     """
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_paths(_strip_params_level(params)).items()}
     kind = meta.get("params", "mae")
     model = models.build(meta["model"], **meta.get("model_kwargs", {}))
-    extra: dict[str, Any] = {"dropped": []}
+    act = getattr(model, "act", "gelu")
+    dec_ratio = getattr(model, "decoder_mlp_ratio", None) or model.mlp_ratio
+    extra: dict[str, Any] = {"dropped": [], "notes": []}
+    if fmt in ("official", "timm") and model.ln_eps != 1e-6:
+        extra["notes"].append(
+            f"LayerNorm eps {model.ln_eps:g} is not recorded in {fmt} files (they read back as 1e-6)"
+            + ("; build timm with norm_layer=partial(nn.LayerNorm, eps=...)" if fmt == "timm" else ""))
     if fmt == "official":
+        if act != "gelu":
+            raise ConversionError(f"the official MAE is GELU-only; this model uses {act!r} (export as 'hf')")
+        if not getattr(model, "qkv_bias", True) or (kind == "mae" and dec_ratio != model.mlp_ratio):
+            extra["notes"].append("the official models_mae.MaskedAutoencoderViT cannot build this model (it has "
+                                  "a qkv bias and one MLP ratio for encoder and decoder); segjax reads the "
+                                  "file back exactly")
         return unrename(flat, OFFICIAL_RULES), extra
     if fmt == "timm":
+        if act not in _TIMM_ACT:
+            raise ConversionError(f"timm has no activation equal to {act!r}; supported: {sorted(_TIMM_ACT)}")
         keep = {k: v for k, v in flat.items() if not any(re.search(p, k) for p in _DECODER_PREFIXES)}
         extra["dropped"] = sorted(set(flat) - set(keep))
         cls = kind == "vit_classifier"
         extra["timm_kwargs"] = dict(
             img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
-            depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, qkv_bias=True,
-            num_classes=model.num_classes if cls else 0,
+            depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
+            qkv_bias=model.qkv_bias, num_classes=model.num_classes if cls else 0,
             global_pool=("avg" if model.global_pool else "token") if cls else "token",
             in_chans=3 if cls else model.in_chans)
+        if act != "gelu":
+            extra["timm_kwargs"]["act_layer"] = _TIMM_ACT[act]
+            extra["notes"].append(f"activation {act!r} is not recorded in timm files: build with "
+                                  f"act_layer={_TIMM_ACT[act]!r} (timm_kwargs)")
         return unrename(keep, OFFICIAL_RULES), extra
     if fmt == "hf":
         if kind == "vit_classifier":
@@ -486,36 +644,44 @@ def to_state_dict(params: dict, meta: dict, fmt: str, hf_naming: str = "legacy")
             architectures=["ViTMAEModel" if encoder_only else "ViTMAEForPreTraining"],
             model_type="vit_mae", hidden_size=model.embed_dim, num_hidden_layers=model.depth,
             num_attention_heads=model.num_heads, intermediate_size=int(model.embed_dim * model.mlp_ratio),
-            hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            hidden_act=act, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             initializer_range=0.02, layer_norm_eps=model.ln_eps, image_size=model.img_size,
-            patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=True,
+            patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=model.qkv_bias,
             decoder_num_attention_heads=model.decoder_num_heads,
             decoder_hidden_size=model.decoder_embed_dim, decoder_num_hidden_layers=model.decoder_depth,
-            decoder_intermediate_size=int(model.decoder_embed_dim * model.mlp_ratio),
+            decoder_intermediate_size=int(model.decoder_embed_dim * dec_ratio),
             mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss)
         return sd, extra
     raise ValueError(f"unknown format {fmt!r}; choose official, timm or hf")
 
 
 def export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, fmt: str,
-           hf_naming: str = "legacy") -> str:
+           hf_naming: str = "legacy", force: bool = False, notes: list[str] | None = None) -> str:
     """Writes a segjax checkpoint as `fmt` (see `to_state_dict`). Returns the path written.
 
     official: OUT.pth holding {'model': sd} (torch). timm: OUT.safetensors or OUT.pth.
     hf: directory OUT with model.safetensors + config.json (`from_pretrained(OUT)`).
-    An `out` without a suffix is a directory for every format.
+    An `out` without a suffix is a directory for every format. An existing file or a
+    non-empty directory is refused unless `force`. `notes`, if given, receives what the
+    target format cannot record (see `to_state_dict`).
     """
     import json
 
-    params, meta = load_params(ckpt_dir)
-    sd, extra = to_state_dict(params, meta, fmt, hf_naming)
+    if fmt not in ("official", "timm", "hf"):
+        raise ConversionError(f"unknown format {fmt!r}; choose official, timm or hf")
     out = os.fspath(out)
     if fmt == "hf":
-        os.makedirs(out, exist_ok=True)
+        prepare_hf_dir(out, force)
+    else:
+        out = export_path(out, "model.pth" if fmt == "official" else "model.safetensors", force,
+                          (".pth", ".pt", ".bin") if fmt == "official" else (".pth", ".pt", ".bin", ".safetensors"))
+    params, meta = load_checkpoint(ckpt_dir, "MAE / ViT", ("mae_vit_", "vit_"))
+    sd, extra = to_state_dict(params, meta, fmt, hf_naming)
+    if notes is not None:
+        notes.extend(extra["notes"])
+    if fmt == "hf":
         write_state_dict(sd, os.path.join(out, "model.safetensors"))
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(extra["config"], f, indent=2)
         return out
-    if not os.path.splitext(out)[1]:
-        out = os.path.join(out, "model.pth" if fmt == "official" else "model.safetensors")
     return write_state_dict(sd, out, wrap_key="model" if fmt == "official" else None)

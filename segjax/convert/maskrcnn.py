@@ -33,17 +33,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import models
-from segjax.checkpoint import flatten_paths, load_params, save_params
+from segjax.checkpoint import flatten_paths
 from segjax.convert.common import (
     ConversionError,
     Report,
     Rule,
     StateDict,
     check_leaves,
+    check_output_dir,
+    export_path,
+    load_checkpoint,
     read_state_dict,
     rename,
     unflatten,
     unrename,
+    write_checkpoint,
     write_state_dict,
 )
 
@@ -254,12 +258,15 @@ def _jsonable(v):
     return [_jsonable(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def convert(src: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> tuple[dict, Report]:
-    """Reads a torchvision `.pth` / `.safetensors`, converts, writes a segjax checkpoint."""
+def convert(src: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False,
+            **kwargs) -> tuple[dict, Report]:
+    """Reads a torchvision `.pth` / `.safetensors`, converts, writes a segjax checkpoint
+    (out_dir new or empty unless `force`: see `common.write_checkpoint`)."""
+    check_output_dir(out_dir, force)
     sd, info = read_state_dict(src)
     info.pop("config", None)
     params, meta, report = from_state_dict(sd, source_info=info, **kwargs)
-    save_params(out_dir, params, meta)
+    write_checkpoint(out_dir, params, meta, force)
     return meta, report
 
 
@@ -292,11 +299,11 @@ def to_state_dict(params: dict, meta: dict, num_batches_tracked: bool | None = N
     return sd
 
 
-def export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, num_batches_tracked: bool | None = None) -> str:
-    """Writes a segjax Mask R-CNN checkpoint as a torchvision state dict (`.pth`/`.safetensors`)."""
-    params, meta = load_params(ckpt_dir)
+def export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, num_batches_tracked: bool | None = None,
+           force: bool = False) -> str:
+    """Writes a segjax Mask R-CNN checkpoint as a torchvision state dict (`.pth`/`.safetensors`;
+    OUT/model.pth for a suffix-less OUT). An existing file is refused unless `force`."""
+    out = export_path(out, "model.pth", force)
+    params, meta = load_checkpoint(ckpt_dir, "Mask R-CNN", ("mask_rcnn",))
     sd = to_state_dict(params, meta, num_batches_tracked)
-    out = os.fspath(out)
-    if not os.path.splitext(out)[1]:
-        out = os.path.join(out, "model.pth")
     return write_state_dict(sd, out)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import models
-from segjax.checkpoint import flatten_paths, load_params, save_params
+from segjax.checkpoint import flatten_paths
 from segjax.convert.common import (
     LAYOUTS,
     ConversionError,
@@ -45,10 +45,15 @@ from segjax.convert.common import (
     Rule,
     StateDict,
     check_leaves,
+    check_output_dir,
+    export_path,
+    load_checkpoint,
+    prepare_hf_dir,
     read_state_dict,
     rename,
     unflatten,
     unrename,
+    write_checkpoint,
     write_state_dict,
 )
 
@@ -376,13 +381,16 @@ def from_state_dict(sd: StateDict, *, config: dict | None = None, source_info: d
     return unflatten(flat), meta, report
 
 
-def convert(src: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> tuple[dict, Report]:
+def convert(src: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False,
+            **kwargs) -> tuple[dict, Report]:
     """Reads `src` (.pth / .safetensors / HF directory), converts, writes a segjax
-    checkpoint to out_dir. kwargs: those of `from_state_dict`. Returns (meta, report)."""
+    checkpoint to out_dir (new or empty unless `force`: see `common.write_checkpoint`).
+    kwargs: those of `from_state_dict`. Returns (meta, report)."""
+    check_output_dir(out_dir, force)
     sd, info = read_state_dict(src)
     config = info.pop("config", None)
     params, meta, report = from_state_dict(sd, config=config, source_info=info, **kwargs)
-    save_params(out_dir, params, meta)
+    write_checkpoint(out_dir, params, meta, force)
     return meta, report
 
 
@@ -435,20 +443,25 @@ def hf_config(model) -> dict:
             hidden_act="relu"))
 
 
-def export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "official") -> str:
+def export(ckpt_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "official",
+           force: bool = False) -> str:
     """Writes a segjax SAM checkpoint as `fmt`. official: a flat `.pth` state dict (OUT,
     or OUT/model.pth for a suffix-less OUT) for `sam_model_registry[...](checkpoint=...)`.
-    hf: directory OUT with model.safetensors + config.json. Returns the path written."""
-    params, meta = load_params(ckpt_dir)
-    sd, extra = to_state_dict(params, meta, fmt)
+    hf: directory OUT with model.safetensors + config.json. An existing file or a
+    non-empty directory is refused unless `force`. Returns the path written."""
+    if fmt not in ("official", "hf"):
+        raise ConversionError(f"unknown format {fmt!r}; choose official or hf")
     out = os.fspath(out)
     if fmt == "hf":
-        os.makedirs(out, exist_ok=True)
+        prepare_hf_dir(out, force)
+    else:
+        out = export_path(out, "model.pth", force)
+    params, meta = load_checkpoint(ckpt_dir, "SAM", ("sam_",))
+    sd, extra = to_state_dict(params, meta, fmt)
+    if fmt == "hf":
         sd = {k: v for k, v in sd.items() if k != _HF_TIED_PE}  # tied: save_pretrained writes it once
         write_state_dict(sd, os.path.join(out, "model.safetensors"))
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(extra["config"], f, indent=2)
         return out
-    if not os.path.splitext(out)[1]:
-        out = os.path.join(out, "model.pth")
     return write_state_dict(sd, out)

@@ -33,6 +33,8 @@ class VisionTransformer(nn.Module):
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    act: str = "gelu"  # MLP activation, a key of `segjax.models.vit.ACTIVATIONS`
     global_pool: bool = True
     drop_path_rate: float = 0.0
     head_init_scale: float = 1.0
@@ -57,8 +59,8 @@ class VisionTransformer(nn.Module):
         # stochastic depth decay rule, as timm: linearly 0 -> drop_path_rate
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_ratio, drop_path_rate=rates[i], ln_eps=self.ln_eps,
-                      dtype=self.dtype, name=f"blocks_{i}")(x, train)
+            x = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, drop_path_rate=rates[i], ln_eps=self.ln_eps,
+                      dtype=self.dtype, act=self.act, name=f"blocks_{i}")(x, train)
         if self.global_pool:
             feats = layer_norm("fc_norm", self.ln_eps, self.dtype)(x[:, 1:, :].mean(axis=1))
         else:

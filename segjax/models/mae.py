@@ -85,10 +85,15 @@ def denormalise_patches(pred: jax.Array, imgs: jax.Array, patch_size: int) -> ja
 class MAE(nn.Module):
     """Masked autoencoder with a ViT encoder and a lightweight ViT decoder.
 
-    Field defaults are MAE ViT-L/16. `__call__(imgs (B, H, W, 3), noise (B, L)=None)`
+    Field defaults are MAE ViT-L/16. `__call__(imgs (B, H, W, C), noise (B, L)=None)`
     returns {'loss': (), 'pred': (B, L, P*P*3), 'mask': (B, L)}; noise is drawn from
     the 'masking' RNG stream when not given. Images are normalised as the reference
     expects (ImageNet mean/std) by the caller.
+
+    MLP widths are int(D * mlp_ratio) and int(E * decoder_mlp_ratio) (None: the
+    encoder's ratio, as the official MAE); `qkv_bias`, `act` (a key of
+    `segjax.models.vit.ACTIVATIONS`) and `ln_eps` apply to encoder and decoder alike, as
+    in the official MAE and transformers' ViTMAE.
     """
 
     img_size: int = 224
@@ -101,6 +106,9 @@ class MAE(nn.Module):
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
+    decoder_mlp_ratio: float | None = None
+    qkv_bias: bool = True
+    act: str = "gelu"
     norm_pix_loss: bool = False
     mask_ratio: float = 0.75
     ln_eps: float = 1e-6
@@ -123,8 +131,8 @@ class MAE(nn.Module):
         self.cls_token = self.param(
             "cls_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
             (1, 1, self.embed_dim))
-        self.blocks = [Block(self.num_heads, self.mlp_ratio, ln_eps=self.ln_eps, dtype=dt)
-                       for _ in range(self.depth)]
+        block = dict(qkv_bias=self.qkv_bias, ln_eps=self.ln_eps, dtype=dt, act=self.act)
+        self.blocks = [Block(self.num_heads, self.mlp_ratio, **block) for _ in range(self.depth)]
         self.norm = layer_norm("norm", self.ln_eps, dt)
         self.decoder_embed = nn.Dense(
             self.decoder_embed_dim, dtype=dt,
@@ -133,7 +141,8 @@ class MAE(nn.Module):
         self.mask_token = self.param(
             "mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "decoder_embed")),
             (1, 1, self.decoder_embed_dim))
-        self.decoder_blocks = [Block(self.decoder_num_heads, self.mlp_ratio, ln_eps=self.ln_eps, dtype=dt)
+        dec_ratio = self.mlp_ratio if self.decoder_mlp_ratio is None else self.decoder_mlp_ratio
+        self.decoder_blocks = [Block(self.decoder_num_heads, dec_ratio, **block)
                                for _ in range(self.decoder_depth)]
         self.decoder_norm = layer_norm("decoder_norm", self.ln_eps, dt)
         self.decoder_pred = nn.Dense(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -163,8 +164,9 @@ def test_hf_missing_decoder_pos_embed_is_generated(tmp_path):
 
 def tiny_timm(seed, **kw):
     s = TINY
+    kw = {"qkv_bias": True, **kw}
     model = TimmViT(img_size=s["img"], patch_size=s["patch"], embed_dim=s["dim"], depth=s["depth"],
-                    num_heads=s["heads"], qkv_bias=True, **kw).eval()
+                    num_heads=s["heads"], **kw).eval()
     randomize_(model, seed, keep=())
     return model
 
@@ -310,6 +312,244 @@ def test_finetuning_loads_both_mae_kinds_by_path(official_full, tmp_path):
                                       allow_unexpected=[r"^norm/", r"^decoder_", r"^mask_token$"])
         assert "blocks_2/attn/qkv/kernel" in report["loaded"]
         np.testing.assert_array_equal(merged["pos_embed"], params["pos_embed"])
+
+
+# ----------------------------------------------------------------------------- every config field
+
+# A small base ViTMAEConfig; each case changes fields that change the network.
+HF_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+               image_size=32, patch_size=4, decoder_hidden_size=32, decoder_num_hidden_layers=2,
+               decoder_num_attention_heads=4, decoder_intermediate_size=128)
+HF_CASES = {
+    # the issue: decoder MLP ratio (1.5) != encoder's (4)
+    "decoder_mlp_ratio": dict(decoder_intermediate_size=48),
+    # widths whose ratio is not a "nice" float: int(28 * (61 / 28)) == 60 in float64
+    "odd_mlp_widths": dict(hidden_size=28, intermediate_size=61, decoder_hidden_size=24,
+                           decoder_num_attention_heads=3, decoder_intermediate_size=37),
+    "decoder_shape": dict(num_hidden_layers=3, decoder_hidden_size=48, decoder_num_hidden_layers=1,
+                          decoder_num_attention_heads=6, decoder_intermediate_size=96),
+    "no_qkv_bias_eps": dict(qkv_bias=False, layer_norm_eps=1e-5, norm_pix_loss=True),
+    "relu_mask_ratio": dict(hidden_act="relu", mask_ratio=0.5, intermediate_size=128),
+    "gelu_new_norm_pix": dict(hidden_act="gelu_new", norm_pix_loss=True),
+    "silu": dict(hidden_act="silu", layer_norm_eps=1e-6),
+    "image_patch_channels": dict(image_size=48, patch_size=8, num_channels=1, mask_ratio=0.6,
+                                 decoder_intermediate_size=64),
+}
+# ViTMAEConfig fields that change the network, and the segjax MAE fields they become
+NETWORK_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "hidden_act", "layer_norm_eps", "image_size", "patch_size", "num_channels", "qkv_bias",
+                  "decoder_num_attention_heads", "decoder_hidden_size", "decoder_num_hidden_layers",
+                  "decoder_intermediate_size", "mask_ratio", "norm_pix_loss")
+
+
+def make_hf_config(directory, cfg: dict, seed: int = 0):
+    """A seeded random ViTMAEForPreTraining of config `cfg`, saved with save_pretrained."""
+    model = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**cfg)).eval()
+    randomize_(model, seed)
+    grid = cfg["image_size"] // cfg["patch_size"]
+    with torch.no_grad():
+        model.vit.embeddings.position_embeddings.copy_(
+            torch.from_numpy(sincos_table(cfg["hidden_size"], grid))[None])
+        model.decoder.decoder_pos_embed.copy_(
+            torch.from_numpy(sincos_table(cfg["decoder_hidden_size"], grid))[None])
+    model.save_pretrained(directory)
+    return model
+
+
+def segjax_fields(model) -> dict:
+    """A segjax MAE's network, in ViTMAEConfig terms."""
+    dec_ratio = model.decoder_mlp_ratio or model.mlp_ratio
+    return dict(hidden_size=model.embed_dim, num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
+                intermediate_size=int(model.embed_dim * model.mlp_ratio), hidden_act=model.act,
+                layer_norm_eps=model.ln_eps, image_size=model.img_size, patch_size=model.patch_size,
+                num_channels=model.in_chans, qkv_bias=model.qkv_bias,
+                decoder_num_attention_heads=model.decoder_num_heads, decoder_hidden_size=model.decoder_embed_dim,
+                decoder_num_hidden_layers=model.decoder_depth,
+                decoder_intermediate_size=int(model.decoder_embed_dim * dec_ratio),
+                mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss)
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hf_config_fields_are_honoured(tmp_path, case):
+    cfg = {**HF_BASE, **HF_CASES[case]}
+    ref = make_hf_config(tmp_path / "hf", cfg, seed=len(case))
+    want = {k: getattr(ref.config, k) for k in NETWORK_FIELDS}
+    grid = cfg["image_size"] // cfg["patch_size"]
+    images = photo_batch(cfg["image_size"])[..., :want["num_channels"]]
+    noise = masking_noise(2, grid * grid, seed=3)
+    ref_out = hf_forward(ref, images, noise)
+
+    assert cli(["mae", str(tmp_path / "hf"), str(tmp_path / "sj")]) == 0
+    ours, params, meta = run_mae(tmp_path / "sj", images, noise)
+    compare_mae(f"hf {case}", ours, ref_out)
+    # the meta names what was inferred: builder + overrides rebuild the same network
+    model = models.build(meta["model"], **meta["model_kwargs"])
+    assert segjax_fields(model) == want
+    assert segjax_fields(models.build(meta["model"], **meta["overrides"])) == want
+    builder = models.MODELS[meta["model"]]()
+    assert set(meta["overrides"]) == {k for k, v in meta["model_kwargs"].items() if getattr(builder, k) != v}
+    for words in (f"encoder width {want['hidden_size']}", f"MLP {want['intermediate_size']}",
+                  f"decoder width {want['decoder_hidden_size']}", f"MLP {want['decoder_intermediate_size']}",
+                  f"act {want['hidden_act']}", f"qkv bias {want['qkv_bias']}"):
+        assert words in meta["architecture"], (words, meta["architecture"])
+
+    # back to transformers: the config written reproduces the network; strict load, same outputs
+    sd, extra = conv.to_state_dict(params, meta, "hf", hf_naming="v5")
+    assert {k: extra["config"][k] for k in NETWORK_FIELDS} == want
+    strict = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**extra["config"])).eval()
+    strict.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    compare_mae(f"segjax->hf strict {case}", hf_forward(strict, images, noise), ref_out)
+    assert cli(["mae", "--reverse", str(tmp_path / "sj"), str(tmp_path / "hf_back"), "--format", "hf"]) == 0
+    back, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf_back", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert {k: getattr(back.config, k) for k in NETWORK_FIELDS} == want
+
+    # official {'model': sd}: the shapes carry widths, MLP widths and qkv bias; eps, act and
+    # heads come back from the arguments. GELU-only: other activations are refused.
+    if want["hidden_act"] != "gelu":
+        with pytest.raises(ConversionError, match="GELU-only"):
+            conv.export(tmp_path / "sj", tmp_path / "official.pth", "official")
+        return
+    conv.export(tmp_path / "sj", tmp_path / "official.pth", "official")
+    conv.convert(tmp_path / "official.pth", tmp_path / "sj2", num_heads=want["num_attention_heads"],
+                 decoder_num_heads=want["decoder_num_attention_heads"], ln_eps=want["layer_norm_eps"],
+                 norm_pix_loss=want["norm_pix_loss"])
+    again, meta2 = load_params(tmp_path / "sj2")
+    fields2 = segjax_fields(models.build(meta2["model"], **meta2["model_kwargs"]))
+    assert {k: v for k, v in fields2.items() if k != "mask_ratio"} == {k: v for k, v in want.items()
+                                                                      if k != "mask_ratio"}
+    fa, fb = flatten_paths(params), flatten_paths(again)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_hf_registry_variant_is_named_exactly(tmp_path):
+    """A config equal to a registry variant is recorded as that name with no overrides."""
+    tiny = models.MODELS["mae_vit_tiny"]()
+    cfg = dict(hidden_size=tiny.embed_dim, num_hidden_layers=tiny.depth, num_attention_heads=tiny.num_heads,
+               intermediate_size=4 * tiny.embed_dim, image_size=tiny.img_size, patch_size=tiny.patch_size,
+               decoder_hidden_size=tiny.decoder_embed_dim, decoder_num_hidden_layers=tiny.decoder_depth,
+               decoder_num_attention_heads=tiny.decoder_num_heads,
+               decoder_intermediate_size=4 * tiny.decoder_embed_dim, layer_norm_eps=1e-6)
+    make_hf_config(tmp_path / "hf", cfg)
+    meta, _ = conv.convert(tmp_path / "hf", tmp_path / "sj")
+    assert meta["model"] == "mae_vit_tiny" and meta["overrides"] == {}
+    assert load_params(tmp_path / "sj")[1]["overrides"] == {}
+
+
+def test_registry_name_is_the_nearest_builder_with_overrides():
+    b16 = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+               ln_eps=1e-6, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, norm_pix_loss=False)
+    assert conv.registry_name("mae", b16) == ("mae_vit_b16", {})
+    assert conv.registry_name("mae", {**b16, "decoder_embed_dim": 256, "decoder_mlp_ratio": 2.0}) == (
+        "mae_vit_b16", {"decoder_embed_dim": 256, "decoder_mlp_ratio": 2.0})
+    name, over = conv.registry_name("mae", {**b16, "embed_dim": 96, "depth": 2, "num_heads": 3}, variant="b16")
+    assert name == "mae_vit_b16" and over == {"embed_dim": 96, "depth": 2, "num_heads": 3}
+    with pytest.raises(ConversionError, match="not a registered"):
+        conv.registry_name("mae", b16, variant="b17")
+
+
+def test_error_names_the_inferred_architecture():
+    """A failing conversion describes the model it inferred (not a registry name's sizes)."""
+    ref = OfficialMAE(32, 4, 3, 64, 2, 4, 48, 2, 4, mlp_ratio=2.0)
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    sd["decoder_blocks.1.mlp.fc1.weight"] = np.zeros((64, 48), np.float32)  # block 0 has 96
+    with pytest.raises(ConversionError) as e:
+        conv.from_state_dict(sd, num_heads=4, decoder_num_heads=4)
+    msg = str(e.value)
+    assert "encoder width 64" in msg and "MLP 128" in msg and "decoder width 48" in msg and "MLP 96" in msg
+    assert "decoder_blocks_1/mlp/fc1/kernel" in msg and "mae_vit_b16" not in msg
+
+
+def test_official_mlp_ratio_parity(tmp_path, images, noise):
+    ref = OfficialMAE(32, 4, 3, 64, 2, 4, 32, 1, 4, mlp_ratio=3.0).eval()
+    randomize_(ref, 7)
+    torch.save({"model": ref.state_dict()}, tmp_path / "mae.pth")
+    meta, _ = conv.convert(tmp_path / "mae.pth", tmp_path / "sj", num_heads=4, decoder_num_heads=4)
+    assert meta["model_kwargs"]["mlp_ratio"] == 3.0 and "decoder_mlp_ratio" not in meta["model_kwargs"]
+    with torch.no_grad():
+        loss, pred, mask = ref(nchw(images), torch.from_numpy(noise))
+    ours, params, meta = run_mae(tmp_path / "sj", images, noise)
+    compare_mae("official mlp_ratio 3", ours, {"loss": loss.numpy(), "pred": pred.numpy(), "mask": mask.numpy()})
+    sd, _ = conv.to_state_dict(params, meta, "official")
+    OfficialMAE(32, 4, 3, 64, 2, 4, 32, 1, 4, mlp_ratio=3.0).load_state_dict(
+        {k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+
+
+@pytest.mark.parametrize("cls", [False, True])
+def test_timm_mlp_ratio_qkv_bias_act(tmp_path, images, noise, cls):
+    """timm ViTs with mlp_ratio != 4, no qkv bias and (given by --act) another activation."""
+    act = "silu" if cls else "quick_gelu"
+    ref = tiny_timm(11, mlp_ratio=2.5, qkv_bias=False, act_layer=conv._TIMM_ACT[act],
+                    **(dict(num_classes=7, global_pool="avg") if cls else dict(num_classes=0, global_pool="token")))
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    argv = ["mae", str(tmp_path / "vit.pth"), str(tmp_path / "sj"), "--num-heads", str(TINY["heads"])]
+    assert cli(argv + ["--act", act]) == 0
+    params, meta = load_params(tmp_path / "sj")
+    kw = meta["model_kwargs"]
+    assert kw["mlp_ratio"] == 2.5 and kw["qkv_bias"] is False and meta["overrides"]["qkv_bias"] is False
+    assert kw.get("act", "gelu") == act and "MLP 160" in meta["architecture"]
+    model = models.build(meta["model"], **kw)
+    if cls:
+        assert meta["params"] == "vit_classifier"
+        with torch.no_grad():
+            ref_out = ref(nchw(images)).numpy()
+        assert_close(f"timm classifier (mlp 2.5, no qkv bias, {act})", classifier_logits(tmp_path / "sj", images),
+                     ref_out)
+    else:
+        assert meta["params"] == "mae_encoder"
+        init = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1], noise=noise[:1])))
+        full, _ = merge_params(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init["params"]), params,
+                               allow_missing=[r"^decoder_", r"^mask_token$"])
+        latent, _, _ = jax.jit(lambda p, x, n: model.apply({"params": p}, x, n, 0.75, method="forward_encoder"))(
+            full, images, noise)
+        with torch.no_grad():
+            ref_out, _, _ = mae_forward_encoder(ref, nchw(images), torch.from_numpy(noise), 0.75)
+            ref_out = ref_out.numpy()
+        assert_close(f"timm encoder latent (mlp 2.5, no qkv bias, {act})", latent, ref_out)
+    # back to timm: the kwargs rebuild the network (strict), same outputs
+    sd, extra = conv.to_state_dict(params, meta, "timm")
+    assert extra["timm_kwargs"]["qkv_bias"] is False and extra["timm_kwargs"]["mlp_ratio"] == 2.5
+    back = TimmViT(**extra["timm_kwargs"]).eval()
+    back.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    with torch.no_grad():
+        out = back(nchw(images)).numpy() if cls else mae_forward_encoder(
+            back, nchw(images), torch.from_numpy(noise), 0.75)[0].numpy()
+    assert_close("segjax->timm", out, ref_out)
+
+
+def test_activations_match_transformers():
+    from transformers.activations import ACT2FN
+
+    from segjax.models.vit import ACTIVATIONS
+
+    x = np.linspace(-12, 12, 4001, dtype=np.float32)
+    for name, fn in ACTIVATIONS.items():
+        ref = ACT2FN[name](torch.from_numpy(x)).numpy()
+        ours = np.asarray(jax.jit(fn)(x))
+        err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1.0)
+        assert err <= 2e-6, (name, err)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(hidden_act="prelu"), r"activation 'prelu'.*not supported"),
+    (dict(hidden_act="no_such_act"), r"activation 'no_such_act'.*not supported"),
+    (dict(image_size=[32, 48]), r"non-square image"),
+    (dict(intermediate_size=200), r"intermediate_size=200 but the weights imply 256"),
+    (dict(qkv_bias=False), r"qkv_bias=False but the weights imply True"),
+    (dict(decoder_intermediate_size=64), r"decoder_intermediate_size=64 but the weights imply 128"),
+])
+def test_hf_config_contradictions_are_clear_errors(tmp_path, capsys, edit, match):
+    make_hf_config(tmp_path / "hf", HF_BASE)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, **edit}))
+    capsys.readouterr()
+    assert cli(["mae", str(tmp_path / "hf"), str(tmp_path / "sj")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert re.search(match, err), err
+    assert not (tmp_path / "sj").exists()
 
 
 # ----------------------------------------------------------------------------- errors
