@@ -11,9 +11,8 @@ workdir/images. Failures the user can act on (no readable checkpoint, a checkpoi
 another model, an invalid config) end with one line `error: ...` and exit status 1.
 """
 
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -29,14 +28,7 @@ def main(argv):
     runtime.setup()
     from segjax import train_loop
 
-    try:
-        metrics = train_loop.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-    except train_loop.USER_ERRORS as e:
-        logging.debug("traceback of the error below", exc_info=True)  # shown with --verbosity=1
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    logging.info("eval metrics: %s", metrics)
-    print("eval:", " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    train_loop.run_entry_point(train_loop.evaluate_checkpoint, FLAGS.config, FLAGS.workdir, label="eval")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Several hosts: start the same command on each with `--coordinator_address=HOST:P
 detected automatically with `--distributed`.
 """
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,14 +36,7 @@ def main(argv):
     from segjax import train_loop
 
     logging.info("config:\n%s", FLAGS.config)
-    try:
-        metrics = train_loop.train(FLAGS.config, FLAGS.workdir)
-    except train_loop.USER_ERRORS as e:
-        logging.debug("traceback of the error below", exc_info=True)  # shown with --verbosity=1
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    logging.info("final metrics: %s", metrics)
-    print("final:", " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    train_loop.run_entry_point(train_loop.train, FLAGS.config, FLAGS.workdir, label="final")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -528,6 +529,23 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
         writer.scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
     finally:
         writer.close()
+    return metrics
+
+
+def run_entry_point(fn, *args, label: str) -> dict[str, float]:
+    """`train.py` / `eval.py`: runs `fn(*args)` and prints its metrics as `label: k=v ...`.
+
+    A `USER_ERRORS` exception (a config, checkpoint or workdir problem) prints one line
+    `error: ...` and exits 1; its traceback is logged at DEBUG (`--verbosity=1`).
+    """
+    try:
+        metrics = fn(*args)
+    except USER_ERRORS as e:
+        log.debug("traceback of the error below", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    log.info("%s metrics: %s", label, metrics)
+    print(f"{label}:", " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
 
 
