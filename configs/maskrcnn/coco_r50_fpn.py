@@ -19,8 +19,8 @@ classes (label_key='label'); use label_key='category_id' with num_classes=91 for
 torchvision's 91-slot heads (e.g. converted COCO weights).
 """
 
-from configs.base import base_config
 from configs.common import parse_arg
+from configs.maskrcnn.base import maskrcnn_config
 from segjax.models.maskrcnn.backbone import frozen_patterns
 
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with annotations
@@ -28,9 +28,8 @@ COCO_TRAIN_IMAGES = 117_266  # train2017 images with annotations
 
 def get_config(arg=None):
     arg = parse_arg(arg, runlocal=False)
-    c = base_config()
-    c.task = "maskrcnn"
-    c.model.name = "mask_rcnn_r50_fpn"
+    c = maskrcnn_config("mask_rcnn_r50_fpn", min_size=800, max_size=1333, pad_size=(1344, 1344),
+                        max_instances=100)
     c.model.kwargs = {"num_classes": 81, "bn_eps": 1e-5}
     c.batch_size = 16
     c.eval_batch_size = 8
@@ -44,16 +43,6 @@ def get_config(arg=None):
     c.data.splits = {
         "train": ("{root}/train2017", "{root}/annotations/instances_train2017.json"),
         "val": ("{root}/val2017", "{root}/annotations/instances_val2017.json")}
-    c.data.train_split = "train"
-    c.data.eval_split = "val"
-    c.data.min_size = 800
-    c.data.max_size = 1333
-    c.data.pad_size = (1344, 1344)
-    c.data.max_instances = 100
-    c.data.hflip = True
-    c.data.label_key = "label"
-    c.eval = {"max_images": 0, "num_draw": 8, "backend": "pycocotools", "annotation_file": "",
-              "score_threshold": 0.5}
     c.optim.name = "sgd"
     c.optim.lr = 0.02 * c.batch_size / 16
     c.optim.momentum = 0.9

@@ -13,16 +13,14 @@ RLE masks) and workdir/images/maskrcnn_step*.png (detections | ground truth).
 The AP and time of a recorded run of this config are in benchmarks/README.md.
 """
 
-from configs.base import base_config
 from configs.common import parse_arg
+from configs.maskrcnn.base import maskrcnn_config
 from segjax.models.maskrcnn.backbone import frozen_patterns
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, runlocal=False)
-    c = base_config()
-    c.task = "maskrcnn"
-    c.model.name = "mask_rcnn_tiny"
+    c = maskrcnn_config("mask_rcnn_tiny", min_size=128, max_size=128, pad_size=(128, 128), max_instances=8)
     # 3 shape classes + background; the tiny variant's anchors (8..128 px) suit 128 px images.
     c.model.kwargs = {"num_classes": 4, "min_size": 128, "max_size": 128}
     c.batch_size = 8
@@ -31,16 +29,6 @@ def get_config(arg=None):
     c.data.kind = "shapes"
     c.data.name = "shapes"
     c.data.shapes = {"image_size": 128, "num_train": 2000, "num_val": 200, "max_objects": 4, "seed": 0}
-    c.data.train_split = "train"
-    c.data.eval_split = "val"
-    c.data.min_size = 128
-    c.data.max_size = 128
-    c.data.pad_size = (128, 128)
-    c.data.max_instances = 8
-    c.data.hflip = True
-    c.data.label_key = "label"
-    c.eval = {"max_images": 0, "num_draw": 8, "backend": "pycocotools", "annotation_file": "",
-              "score_threshold": 0.5}
     # From scratch (no ImageNet backbone): AdamW is the stable choice at this scale.
     c.optim.name = "adamw"
     c.optim.lr = 1e-3
