@@ -363,6 +363,87 @@ def _check_heads(width: int, heads: int, what: str) -> None:
 # ----------------------------------------------------------------------------- torch -> segjax
 
 
+def _block_options(flat: dict, cfg: dict, fmt: str, ln_eps: float | None, act: str | None, source: dict,
+                   report: Report) -> dict[str, Any]:
+    """The blocks' LayerNorm eps, qkv bias and MLP activation: from the arguments, the
+    tensors (qkv bias) or config.json, else the official defaults; `source` records where
+    each came from."""
+    if ln_eps is not None:
+        eps, source["ln_eps_from"] = float(ln_eps), "argument"
+    elif fmt == "hf":
+        eps = float(cfg.get("layer_norm_eps", 1e-12))
+        source["ln_eps_from"] = "config.json" if "layer_norm_eps" in cfg else "transformers default"
+    else:
+        eps, source["ln_eps_from"] = 1e-6, "official MAE / timm default"
+    biased = {prefix: f"{prefix}_0/attn/qkv/bias" in flat
+              for prefix in ("blocks", "decoder_blocks") if f"{prefix}_0/attn/qkv/kernel" in flat}
+    if len(set(biased.values())) > 1:
+        raise ConversionError(f"qkv bias in {[k for k, v in biased.items() if v]} only; segjax's MAE "
+                              "has one qkv_bias for encoder and decoder (as transformers and the official MAE)")
+    qkv_bias = next(iter(biased.values())) if biased else bool(cfg.get("qkv_bias", True))
+    if act is not None:
+        source["act_from"] = "argument"
+    elif "hidden_act" in cfg:
+        act, source["act_from"] = cfg["hidden_act"], "config.json"
+    else:
+        act, source["act_from"] = "gelu", "official MAE / timm / transformers default"
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise ConversionError(
+            f"activation {act!r} ({source['act_from']}) is not supported by segjax; supported: "
+            f"{sorted(ACTIVATIONS)} (activations with learned parameters, prelu and xielu, are not)")
+    for prob in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if cfg.get(prob):
+            report.notes.append(f"config.json {prob}={cfg[prob]} ignored: segjax's MAE trains without dropout")
+    return {"ln_eps": eps, "qkv_bias": qkv_bias, "act": act}
+
+
+def _decoder_kwargs(flat: dict, cfg: dict, fmt: str, g: int, kw: dict, decoder_num_heads: int | None,
+                    norm_pix_loss: bool | None, posemb_order: str, source: dict, report: Report) -> list[str]:
+    """Adds the MAE decoder's fields to `kw` (from its tensors, config.json and the
+    arguments); generates a missing Hugging Face `decoder_pos_embed` in `flat`. Returns
+    what was generated."""
+    generated = []
+    e = flat["decoder_embed/kernel"].shape[1] if "decoder_embed/kernel" in flat else None
+    if e is None:
+        report.missing.append("decoder_embed/kernel")
+        report.raise_if_bad("reading the decoder")
+    kw.update(decoder_embed_dim=e, decoder_depth=_depth(flat, "decoder_blocks"))
+    kw["decoder_num_heads"], source["decoder_num_heads_from"] = _heads(
+        e, decoder_num_heads, cfg.get("decoder_num_attention_heads"), _DECODER_HEADS, "decoder",
+        report.notes)
+    _check_heads(e, kw["decoder_num_heads"], "decoder")
+    dec_fc1 = flat.get("decoder_blocks_0/mlp/fc1/kernel")
+    if kw["decoder_depth"] and dec_fc1 is None:
+        report.missing.append("decoder_blocks_0/mlp/fc1/kernel")
+        report.raise_if_bad("reading the decoder")
+    dec_hidden = (dec_fc1.shape[1] if dec_fc1 is not None else
+                  int(cfg["decoder_intermediate_size"]) if cfg.get("decoder_intermediate_size") else None)
+    if dec_hidden is not None and int(e * kw["mlp_ratio"]) != dec_hidden:
+        kw["decoder_mlp_ratio"] = mlp_ratio_for(dec_hidden, e)
+    if "decoder_pos_embed" not in flat and fmt == "hf":
+        # NOTE: transformers 5.x leaves a missing decoder_pos_embed at zeros (its init is
+        # skipped for loaded models); the table MAE was trained with is the fixed sin-cos.
+        flat["decoder_pos_embed"] = sincos_posemb_2d(e, g, g, True, posemb_order)[None]
+        generated.append(f"decoder_pos_embed (sin-cos, order {posemb_order!r})")
+        report.notes.append(f"generated decoder_pos_embed: sin-cos table, channel order {posemb_order!r}")
+    if norm_pix_loss is not None:
+        kw["norm_pix_loss"], source["norm_pix_loss_from"] = bool(norm_pix_loss), "argument"
+    elif "norm_pix_loss" in cfg:
+        kw["norm_pix_loss"], source["norm_pix_loss_from"] = bool(cfg["norm_pix_loss"]), "config.json"
+    else:
+        fname = os.path.basename(source.get("path", "") or "")
+        kw["norm_pix_loss"] = "_full" in fname and "visualize" not in fname
+        source["norm_pix_loss_from"] = f"file name {fname!r}" if fname else "default"
+        report.notes.append(f"norm_pix_loss={kw['norm_pix_loss']} from {source['norm_pix_loss_from']} "
+                            "(official: *_full trained with it, mae_visualize_* without); "
+                            "pass --norm-pix-loss/--no-norm-pix-loss to set it")
+    if "mask_ratio" in cfg:
+        kw["mask_ratio"] = float(cfg["mask_ratio"])
+        if not 0.0 <= kw["mask_ratio"] < 1.0:
+            raise ConversionError(f"config.json mask_ratio={cfg['mask_ratio']} is outside [0, 1)")
+    return generated
+
+
 def from_state_dict(
     sd: StateDict,
     *,
@@ -451,34 +532,10 @@ def from_state_dict(
                                              _ENCODER_HEADS, "encoder", report.notes)
     _check_heads(d, heads, "encoder")
     kw["num_heads"] = heads
-    if ln_eps is not None:
-        kw["ln_eps"], source["ln_eps_from"] = float(ln_eps), "argument"
-    elif fmt == "hf":
-        kw["ln_eps"] = float(cfg.get("layer_norm_eps", 1e-12))
-        source["ln_eps_from"] = "config.json" if "layer_norm_eps" in cfg else "transformers default"
-    else:
-        kw["ln_eps"], source["ln_eps_from"] = 1e-6, "official MAE / timm default"
-    biased = {prefix: f"{prefix}_0/attn/qkv/bias" in flat
-              for prefix in ("blocks", "decoder_blocks") if f"{prefix}_0/attn/qkv/kernel" in flat}
-    if len(set(biased.values())) > 1:
-        raise ConversionError(f"qkv bias in {[k for k, v in biased.items() if v]} only; segjax's MAE "
-                              "has one qkv_bias for encoder and decoder (as transformers and the official MAE)")
-    qkv_bias = next(iter(biased.values())) if biased else bool(cfg.get("qkv_bias", True))
-    if act is not None:
-        source["act_from"] = "argument"
-    elif "hidden_act" in cfg:
-        act, source["act_from"] = cfg["hidden_act"], "config.json"
-    else:
-        act, source["act_from"] = "gelu", "official MAE / timm / transformers default"
-    if not isinstance(act, str) or act not in ACTIVATIONS:
-        raise ConversionError(
-            f"activation {act!r} ({source['act_from']}) is not supported by segjax; supported: "
-            f"{sorted(ACTIVATIONS)} (activations with learned parameters, prelu and xielu, are not)")
-    for prob in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if cfg.get(prob):
-            report.notes.append(f"config.json {prob}={cfg[prob]} ignored: segjax's MAE trains without dropout")
+    opts = _block_options(flat, cfg, fmt, ln_eps, act, source, report)
+    kw["ln_eps"] = opts["ln_eps"]
 
-    generated = []
+    generated: list[str] = []
     if kind == "vit_classifier":
         if in_chans != 3:
             raise ConversionError(f"the ViT classifier takes 3-channel images; weights have {in_chans}")
@@ -486,49 +543,13 @@ def from_state_dict(
         kw["global_pool"] = "fc_norm/scale" in flat
     else:
         kw["in_chans"] = in_chans
-    if act != "gelu":
-        kw["act"] = act
-    if not qkv_bias:
+    if opts["act"] != "gelu":
+        kw["act"] = opts["act"]
+    if not opts["qkv_bias"]:
         kw["qkv_bias"] = False
     if kind == "mae":
-        e = flat["decoder_embed/kernel"].shape[1] if "decoder_embed/kernel" in flat else None
-        if e is None:
-            report.missing.append("decoder_embed/kernel")
-            report.raise_if_bad("reading the decoder")
-        kw.update(decoder_embed_dim=e, decoder_depth=_depth(flat, "decoder_blocks"))
-        kw["decoder_num_heads"], source["decoder_num_heads_from"] = _heads(
-            e, decoder_num_heads, cfg.get("decoder_num_attention_heads"), _DECODER_HEADS, "decoder",
-            report.notes)
-        _check_heads(e, kw["decoder_num_heads"], "decoder")
-        dec_fc1 = flat.get("decoder_blocks_0/mlp/fc1/kernel")
-        if kw["decoder_depth"] and dec_fc1 is None:
-            report.missing.append("decoder_blocks_0/mlp/fc1/kernel")
-            report.raise_if_bad("reading the decoder")
-        dec_hidden = (dec_fc1.shape[1] if dec_fc1 is not None else
-                      int(cfg["decoder_intermediate_size"]) if cfg.get("decoder_intermediate_size") else None)
-        if dec_hidden is not None and int(e * kw["mlp_ratio"]) != dec_hidden:
-            kw["decoder_mlp_ratio"] = mlp_ratio_for(dec_hidden, e)
-        if "decoder_pos_embed" not in flat and fmt == "hf":
-            # NOTE: transformers 5.x leaves a missing decoder_pos_embed at zeros (its init is
-            # skipped for loaded models); the table MAE was trained with is the fixed sin-cos.
-            flat["decoder_pos_embed"] = sincos_posemb_2d(e, g, g, True, posemb_order)[None]
-            generated.append(f"decoder_pos_embed (sin-cos, order {posemb_order!r})")
-            report.notes.append(f"generated decoder_pos_embed: sin-cos table, channel order {posemb_order!r}")
-        if norm_pix_loss is not None:
-            kw["norm_pix_loss"], source["norm_pix_loss_from"] = bool(norm_pix_loss), "argument"
-        elif "norm_pix_loss" in cfg:
-            kw["norm_pix_loss"], source["norm_pix_loss_from"] = bool(cfg["norm_pix_loss"]), "config.json"
-        else:
-            fname = os.path.basename(source.get("path", "") or "")
-            kw["norm_pix_loss"] = "_full" in fname and "visualize" not in fname
-            source["norm_pix_loss_from"] = f"file name {fname!r}" if fname else "default"
-            report.notes.append(f"norm_pix_loss={kw['norm_pix_loss']} from {source['norm_pix_loss_from']} "
-                                "(official: *_full trained with it, mae_visualize_* without); "
-                                "pass --norm-pix-loss/--no-norm-pix-loss to set it")
-        if "mask_ratio" in cfg:
-            kw["mask_ratio"] = float(cfg["mask_ratio"])
-            if not 0.0 <= kw["mask_ratio"] < 1.0:
-                raise ConversionError(f"config.json mask_ratio={cfg['mask_ratio']} is outside [0, 1)")
+        generated = _decoder_kwargs(flat, cfg, fmt, g, kw, decoder_num_heads, norm_pix_loss, posemb_order,
+                                    source, report)
     arch = describe(kw, kind)
     if cfg:
         _check_hf_config(cfg, kw, kind, report)
