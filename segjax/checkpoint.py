@@ -143,11 +143,11 @@ if not getattr(sys.unraisablehook, "segjax_quiet", False):
     sys.unraisablehook = _closed_loop_callbacks_to_debug(sys.unraisablehook)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, shortened."""
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` (at most `limit` characters) for error messages."""
     text = (str(e).strip().splitlines() or [""])[0]
     if len(text) > limit:
-        text = text[:limit] + "..."
+        text = text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -175,12 +175,7 @@ def write_cause(e: BaseException) -> str:
             if needle in str(x):
                 return words[code]
         todo += [x.__cause__, x.__context__]
-    return _one_line(e)
-
-
-def _tree_leaves_by_path(tree: PyTree) -> dict[str, Any]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
-    return {"/".join(_key_str(k) for k in path): leaf for path, leaf in flat if leaf is not None}
+    return one_line(e)
 
 
 def _describe(leaf) -> str:
@@ -192,7 +187,7 @@ def tree_mismatches(target: PyTree, saved: PyTree, limit: int = 4) -> list[str]:
     per leaf ('path: checkpoint ... vs config ...'), at most `limit` of each kind
     (other shape or dtype, not in the checkpoint, not in the config) and a count of the
     rest; [] when they fit."""
-    want, have = _tree_leaves_by_path(target), _tree_leaves_by_path(saved)
+    want, have = _flatten(target), _flatten(saved)  # None subtrees hold no leaves
 
     def sig(leaf):
         return tuple(getattr(leaf, "shape", ())), np.dtype(leaf.dtype)
@@ -294,7 +289,7 @@ def load_params(directory: str | os.PathLike, target: PyTree | None = None,
 
 def _unreadable(root: str, step: int, e: BaseException, then: str) -> str:
     """Logs one line for an unreadable step; returns 'step N: cause'."""
-    cause = _one_line(e, limit=200)
+    cause = one_line(e, limit=200)
     log.warning("checkpoint step %d in %s is unreadable (%s); %s", step, root, cause, then)
     _orbax_log.debug("step %d in %s", step, root, exc_info=e)
     return f"step {step}: {cause}"

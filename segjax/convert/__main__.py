@@ -32,7 +32,8 @@ import argparse
 import json
 import sys
 
-from segjax.convert.common import ConversionError, one_line
+from segjax.checkpoint import one_line
+from segjax.convert.common import ConversionError
 
 
 def _parser(sub, family: str, summary: str, src: str = "source weights",

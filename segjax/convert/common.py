@@ -26,21 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from segjax.checkpoint import one_line
+
 StateDict = dict[str, np.ndarray]
 
 
 class ConversionError(ValueError):
     """A state dict that the converter cannot map completely onto the target, or a
     source / output path it cannot use (the CLI prints it and exits with status 2)."""
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message` (at most `limit` characters) for error messages."""
-    text = str(e).strip().splitlines()
-    text = text[0] if text else ""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- layouts
