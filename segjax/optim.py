@@ -26,6 +26,8 @@ import optax
 from segjax.checkpoint import flatten_paths
 
 PyTree = Any
+OPTIMIZERS = ("adamw", "sgd", "lars")
+SCHEDULES = ("cosine", "constant")
 
 
 def peak_lr(cfg, global_batch: int) -> float:
@@ -47,7 +49,7 @@ def make_schedule(cfg, global_batch: int, total_steps: int) -> optax.Schedule:
     if kind == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
-    raise ValueError(f"unknown schedule {kind!r}; use 'cosine' or 'constant'")
+    raise ValueError(f"unknown schedule {kind!r}; use one of {list(SCHEDULES)}")
 
 
 def _label_tree(params: PyTree, fn: Callable[[str, Any], Any]) -> PyTree:
@@ -119,7 +121,7 @@ def make_optimizer(cfg, params: PyTree, global_batch: int, total_steps: int,
                 optax.scale_by_trust_ratio(),
                 optax.trace(decay=cfg.get("momentum", 0.9))]
     else:
-        raise ValueError(f"unknown optimizer {name!r}; use 'adamw', 'sgd' or 'lars'")
+        raise ValueError(f"unknown optimizer {name!r}; use one of {list(OPTIMIZERS)}")
     chain = []
     if cfg.get("grad_clip_norm"):
         chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))

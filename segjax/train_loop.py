@@ -60,9 +60,6 @@ class ConfigError(ValueError):
 USER_ERRORS = (ConfigError, checkpoint.CheckpointError, runtime.WorkdirError,
                NonFiniteLossError, OSError)
 
-_OPTIMIZERS = ("adamw", "sgd", "lars")
-_SCHEDULES = ("cosine", "constant")
-
 
 def validate_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
     """Checks every field the loop relies on; raises `ConfigError` listing each bad field.
@@ -125,8 +122,8 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
         check("checkpoint.save_every", positive_int, "must be a positive int")
         check("checkpoint.keep", positive_int,
               "must be a positive int: the newest checkpoints kept (0 would delete them all)")
-        check("optim.name", lambda v: v in _OPTIMIZERS, f"must be one of {list(_OPTIMIZERS)}")
-        check("optim.schedule", lambda v: v in _SCHEDULES, f"must be one of {list(_SCHEDULES)}",
+        check("optim.name", lambda v: v in optim.OPTIMIZERS, f"must be one of {list(optim.OPTIMIZERS)}")
+        check("optim.schedule", lambda v: v in optim.SCHEDULES, f"must be one of {list(optim.SCHEDULES)}",
               optional=True)
         check("optim.warmup_steps", lambda v: is_int(v) and v >= 0, "must be an int >= 0", optional=True)
         if get("optim.lr") in (None, _MISSING):
