@@ -6,9 +6,13 @@ Config fields (`config.optim`, an ml_collections.ConfigDict):
                   (the MAE convention) when lr is None
   b1, b2, weight_decay, momentum
   warmup_steps    linear warmup from 0
-  schedule        'cosine' (to min_lr) | 'constant'
+  schedule        'cosine' (to min_lr) | 'constant' | 'step' (lr * decay_factor ** k after
+                  the k-th of `decay_steps`: SAM's recipe, x0.1 twice)
   min_lr
+  decay_steps, decay_factor   the 'step' schedule's boundaries (absolute steps) and factor
   layer_decay     None or float: ViT layer-wise lr decay (BEiT / MAE fine-tuning)
+  layer_decay_scope  '' or a '/'-ended path prefix: only params under it are ViT layers
+                  (SAM: 'image_encoder/'); everything else gets layer id depth + 1 (lr x1)
   frozen          regexes of '/'-joined param paths that are not trained
   no_decay        regexes exempt from weight decay (plus every <=1-d param)
   grad_clip_norm  None or float
@@ -27,7 +31,7 @@ from segjax.checkpoint import flatten_paths
 
 PyTree = Any
 OPTIMIZERS = ("adamw", "sgd", "lars")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step")
 
 
 def peak_lr(cfg, global_batch: int) -> float:
@@ -49,7 +53,26 @@ def make_schedule(cfg, global_batch: int, total_steps: int) -> optax.Schedule:
     if kind == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
+    if kind == "step":
+        return step_schedule(lr, warmup, tuple(cfg.get("decay_steps", ())),
+                             float(cfg.get("decay_factor", 0.1)))
     raise ValueError(f"unknown schedule {kind!r}; use one of {list(SCHEDULES)}")
+
+
+def step_schedule(lr: float, warmup: int, decay_steps: Sequence[int], factor: float) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup` steps, then `lr * factor ** k` from the k-th
+    boundary of `decay_steps` (absolute step counts) on."""
+    bounds = sorted(int(b) for b in decay_steps)
+    if any(b < warmup for b in bounds):
+        raise ValueError(f"optim.decay_steps {bounds} must not fall inside the {warmup} warmup steps")
+
+    def schedule(count):
+        count = jnp.asarray(count)
+        warm = jnp.minimum(count / max(warmup, 1), 1.0) if warmup else 1.0
+        k = sum((count >= b).astype(jnp.int32) for b in bounds) if bounds else 0
+        return lr * warm * jnp.asarray(factor, jnp.float32) ** k
+
+    return schedule
 
 
 def _label_tree(params: PyTree, fn: Callable[[str, Any], Any]) -> PyTree:
@@ -74,9 +97,19 @@ def vit_layer_id(path: str, depth: int) -> int:
     return depth + 1
 
 
-def layer_decay_scales(params: PyTree, decay: float, depth: int) -> PyTree:
-    """Per-parameter lr multipliers decay ** (depth + 1 - layer_id)."""
-    return _label_tree(params, lambda p, _: decay ** (depth + 1 - vit_layer_id(p, depth)))
+def layer_decay_scales(params: PyTree, decay: float, depth: int, scope: str = "") -> PyTree:
+    """Per-parameter lr multipliers decay ** (depth + 1 - layer_id).
+
+    scope: '' (the whole model is the ViT) or a path prefix such as 'image_encoder/':
+    params under it get their ViT layer id with the prefix stripped, the rest (SAM's
+    prompt encoder and mask decoder, as sam2's layer-decay modifier) depth + 1.
+    """
+    def scale(path: str, _) -> float:
+        if not path.startswith(scope):
+            return 1.0
+        return decay ** (depth + 1 - vit_layer_id(path[len(scope):], depth))
+
+    return _label_tree(params, scale)
 
 
 def scale_by_tree(scales: PyTree) -> optax.GradientTransformation:
@@ -129,7 +162,8 @@ def make_optimizer(cfg, params: PyTree, global_batch: int, total_steps: int,
     if cfg.get("layer_decay") is not None:
         if depth is None:
             raise ValueError("layer_decay needs the model depth")
-        chain.append(scale_by_tree(layer_decay_scales(params, float(cfg.layer_decay), depth)))
+        chain.append(scale_by_tree(layer_decay_scales(params, float(cfg.layer_decay), depth,
+                                                      cfg.get("layer_decay_scope", ""))))
     chain.append(optax.scale_by_learning_rate(schedule))
     tx = optax.chain(*chain)
     frozen = list(cfg.get("frozen", ()))

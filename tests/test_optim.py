@@ -34,7 +34,7 @@ def test_lr_scaling_and_warmup_cosine():
     assert float(s(5)) == pytest.approx(0.128)
     assert float(s(110)) == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="schedule"):
-        optim.make_schedule(_cfg(schedule="step"), 256, 10)
+        optim.make_schedule(_cfg(schedule="bogus"), 256, 10)
 
 
 def test_layer_ids_and_decay_scales():
@@ -79,3 +79,26 @@ def test_bad_config_errors():
         optim.make_optimizer(_cfg(name="adamx"), _params(), 8, 10)
     with pytest.raises(ValueError, match="freezes every"):
         optim.make_optimizer(_cfg(frozen=(".*",)), _params(), 8, 10)
+
+
+def test_step_schedule_warmup_then_two_decays():
+    s = optim.make_schedule(_cfg(lr=1.0, schedule="step", warmup_steps=250, decay_steps=(1000, 1500),
+                                 decay_factor=0.1), 256, 2000)
+    assert float(s(0)) == 0.0 and float(s(125)) == pytest.approx(0.5)
+    assert float(s(250)) == float(s(999)) == pytest.approx(1.0)
+    assert float(s(1000)) == float(s(1499)) == pytest.approx(0.1)
+    assert float(s(1500)) == float(s(1999)) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="warmup"):
+        optim.make_schedule(_cfg(lr=1.0, schedule="step", warmup_steps=250, decay_steps=(100,)), 256, 10)
+
+
+def test_layer_decay_scope_leaves_other_params_at_full_lr():
+    p = {"image_encoder": {"patch_embed": {"kernel": jnp.ones((2, 2))},
+                           "blocks_0": {"kernel": jnp.ones((2, 2))},
+                           "neck_0": {"kernel": jnp.ones((2, 2))}},
+         "mask_decoder": {"kernel": jnp.ones((2, 2))}}
+    s = optim.layer_decay_scales(p, 0.5, 1, scope="image_encoder/")
+    assert s["image_encoder"]["patch_embed"]["kernel"] == 0.25
+    assert s["image_encoder"]["blocks_0"]["kernel"] == 0.5
+    assert s["image_encoder"]["neck_0"]["kernel"] == 1.0
+    assert s["mask_decoder"]["kernel"] == 1.0
