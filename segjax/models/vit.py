@@ -490,6 +490,8 @@ class WindowedBlock(nn.Module):
     x: (B, H, W, D) -> (B, H, W, D). LayerNorms compute and return float32 whatever
     `dtype` is; the residual stream keeps the input's dtype (promoted by the adds).
     `input_size`: the token grid the global tables were trained for.
+    `drop_path_rate`: stochastic depth of both residual branches when `train` (needs
+    the 'dropout' rng).
     """
 
     num_heads: int
@@ -500,10 +502,12 @@ class WindowedBlock(nn.Module):
     ln_eps: float = 1e-6
     mlp_names: tuple[str, str] = ("lin1", "lin2")
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, h, w, d = x.shape
+        use_dp = train and self.drop_path_rate > 0.0
         ln = dict(epsilon=self.ln_eps, dtype=jnp.float32, use_fast_variance=False,
                   scale_init=_logical(nn.initializers.ones, ("embed",)),
                   bias_init=_logical(nn.initializers.zeros, ("embed",)))
@@ -511,7 +515,11 @@ class WindowedBlock(nn.Module):
         ws = self.window_size
         y = RelPosAttention(self.num_heads, ws if ws > 0 else self.input_size, self.qkv_bias,
                             self.dtype, window_size=ws, name="attn")(y)
+        if use_dp:
+            y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
         x = x + y
         y = nn.LayerNorm(name="norm2", **ln)(x).reshape(b, h * w, d)
-        y = Mlp(int(d * self.mlp_ratio), self.dtype, self.mlp_names, name="mlp")(y)
-        return x + y.reshape(b, h, w, d)
+        y = Mlp(int(d * self.mlp_ratio), self.dtype, self.mlp_names, name="mlp")(y).reshape(b, h, w, d)
+        if use_dp:
+            y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
+        return x + y

@@ -30,6 +30,12 @@ class ImageEncoderViT(nn.Module):
     rel-pos tables (2G - 1, K), G = pretrain_img_size / P); another `img_size` resizes
     pos_embed bicubically (ViTDet `get_abs_pos`) and the global tables linearly
     (`get_rel_pos`). Windowed blocks use tables of 2 * window - 1 rows at any size.
+
+    Training switches (no effect on parameters or on inference): `drop_path_rate`, the
+    stochastic depth of the last block, rising linearly from 0 in the first (timm /
+    ViTDet `dpr`; active with `train=True` and a 'dropout' rng); `remat`: recompute
+    each block's activations in the backward pass (`nn.remat`), trading compute for
+    memory at 1024 px.
     """
 
     img_size: int = 1024
@@ -45,9 +51,11 @@ class ImageEncoderViT(nn.Module):
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     ln_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         b, s_h, s_w, _ = x.shape
         p, d = self.patch_size, self.embed_dim
         if s_h % p or s_w % p:
@@ -60,12 +68,15 @@ class ImageEncoderViT(nn.Module):
         pos = self.param("pos_embed", nn.with_logical_partitioning(
             nn.initializers.zeros, (None, None, None, "embed")), (1, g, g, d))
         x = x + resize_pos_embed_2d(pos, (h, w))
+        # `train` (argument 2 counting the module) is static under remat
+        block = nn.remat(WindowedBlock, static_argnums=(2,)) if self.remat else WindowedBlock
         for i in range(self.depth):
-            x = WindowedBlock(
+            x = block(
                 self.num_heads, input_size=g,
                 window_size=0 if i in self.global_attn_indexes else self.window_size,
                 mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=self.ln_eps,
-                dtype=self.dtype, name=f"blocks_{i}")(x)
+                dtype=self.dtype, drop_path_rate=self.drop_path_rate * i / max(self.depth - 1, 1),
+                name=f"blocks_{i}")(x, train)
         x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
         x = layer_norm_2d("neck_1")(x)
         x = nn.Conv(self.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,

@@ -34,6 +34,8 @@ class Sam(nn.Module):
       another img_size resizes them (see `ImageEncoderViT`).
     dtype: compute dtype of matmuls / convs; LayerNorms, softmax, position encodings
       and outputs stay float32.
+    encoder_drop_path_rate, encoder_remat: training switches of the image encoder
+      (see `ImageEncoderViT`); they change no parameter.
     """
 
     img_size: int = 1024
@@ -59,10 +61,17 @@ class Sam(nn.Module):
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     dtype: Dtype = jnp.float32
+    encoder_drop_path_rate: float = 0.0
+    encoder_remat: bool = False
 
     @property
     def embedding_size(self) -> int:
         return self.img_size // self.patch_size
+
+    @property
+    def depth(self) -> int:
+        """The image encoder's depth (`optim` layer decay over `image_encoder/`)."""
+        return self.encoder_depth
 
     def setup(self):
         if self.img_size % self.patch_size or self.pretrain_img_size % self.patch_size:
@@ -73,7 +82,8 @@ class Sam(nn.Module):
             img_size=self.img_size, pretrain_img_size=self.pretrain_img_size, patch_size=self.patch_size,
             embed_dim=self.encoder_embed_dim, depth=self.encoder_depth, num_heads=self.encoder_num_heads,
             mlp_ratio=self.mlp_ratio, out_chans=self.prompt_embed_dim, window_size=self.window_size,
-            global_attn_indexes=self.encoder_global_attn_indexes, ln_eps=self.encoder_ln_eps, dtype=self.dtype)
+            global_attn_indexes=self.encoder_global_attn_indexes, ln_eps=self.encoder_ln_eps, dtype=self.dtype,
+            drop_path_rate=self.encoder_drop_path_rate, remat=self.encoder_remat)
         self.prompt_encoder = PromptEncoder(
             embed_dim=self.prompt_embed_dim, image_embedding_size=(e, e),
             input_image_size=(self.img_size, self.img_size), mask_in_chans=self.mask_in_chans, dtype=self.dtype)
@@ -84,8 +94,8 @@ class Sam(nn.Module):
             attention_downsample_rate=self.attention_downsample_rate, ln_eps=self.decoder_ln_eps,
             dtype=self.dtype)
 
-    def embed_image(self, images: jax.Array, input_hw: jax.Array) -> jax.Array:
-        """Image embeddings.
+    def embed_image(self, images: jax.Array, input_hw: jax.Array, train: bool = False) -> jax.Array:
+        """Image embeddings (`train`: the encoder's drop path, with a 'dropout' rng).
 
         images: (B, S, S, 3) float32 RGB 0-255, the resized image at the top-left;
           pixels outside input_hw are ignored.
@@ -102,7 +112,7 @@ class Sam(nn.Module):
         hw = jnp.asarray(input_hw, jnp.int32)
         inside = (idx[None, :, None] < hw[:, 0, None, None]) & (idx[None, None, :] < hw[:, 1, None, None])
         x = jnp.where(inside[..., None], x, 0.0)  # the reference pads after normalising
-        return self.image_encoder(x)
+        return self.image_encoder(x, train)
 
     def predict_masks(self, image_embeddings: jax.Array, coords: jax.Array, labels: jax.Array,
                       mask_input: jax.Array | None = None, has_mask: jax.Array | None = None,
