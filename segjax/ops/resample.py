@@ -46,6 +46,19 @@ length (mask pasting), rounding src once where XLA fuses the multiply-add: XLA:C
 does (pinned by a test against the host taps); elsewhere a backend that does not
 fuse is one float32 step of src off in rare outputs.
 
+Antialiased resizing (`interpolate(..., antialias=True)`, which timm's
+`resample_abs_pos_embed` uses by default) is another kernel, PIL's: ATen's separable
+`_upsample_bicubic2d_aa` / `_upsample_bilinear2d_aa`. Per output j, with
+scale = n_in / n_out, support = (2 for bicubic, 1 for bilinear) x max(scale, 1):
+center = scale * (j + 0.5), taps xmin = max(int(center - support + 0.5), 0) up to
+min(int(center + support + 0.5), n_in) (no clamped taps: the window is cut at the
+borders), weight filter((i - center + 0.5) / max(scale, 1)) normalised to sum 1. The
+bicubic filter is Keys' with A = -0.5 (PIL's), not the -0.75 of plain bicubic, when
+upsampling too. `aa_matrix` computes these weights in float64 (torch's float64 kernel
+to within 1e-15); torch's float32 kernel rounds its intermediate steps in float32, so
+the float32 weights differ from it by a few float32 steps (tests/ops/test_resample.py).
+`interpolate_host` applies either kind to two axes of a host array.
+
 `resized_hw` and `resize_image` are torchvision's detection input transform
 (`GeneralizedRCNNTransform.resize`): the data pipeline, the Mask R-CNN predictor and
 `models/maskrcnn/mask_rcnn.prepare_image` all use them from here.
@@ -269,6 +282,73 @@ def resize_axis(x: jnp.ndarray, n_out: int, axis: int, keep: int | None = None) 
 def resize_bilinear(x: jnp.ndarray, out_hw: tuple[int, int]) -> jnp.ndarray:
     """(..., h, w) -> (..., H, W): torch bilinear (jnp), the W pass first as torch's kernel."""
     return resize_axis(resize_axis(x, out_hw[1], -1), out_hw[0], -2)
+
+
+# ----------------------------------------------------------------------------- antialiased
+
+
+def _aa_filter(mode: str):
+    if mode == "bicubic":
+        a = -0.5  # Keys' a as PIL (and torch's antialiased bicubic)
+
+        def cubic(x: np.ndarray) -> np.ndarray:
+            x = np.abs(x)
+            near = ((a + 2) * x - (a + 3)) * x * x + 1
+            far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+            return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+        return cubic, 2.0
+    if mode == "bilinear":
+        return (lambda x: np.maximum(1.0 - np.abs(x), 0.0)), 1.0
+    raise ValueError(f"antialiased mode must be 'bicubic' or 'bilinear', got {mode!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def aa_matrix(n_in: int, n_out: int, mode: str = "bicubic") -> np.ndarray:
+    """(n_out, n_in) float64 weights of `interpolate(size=n_out, mode=mode,
+    antialias=True, align_corners=False)` along one axis (see the module doc).
+    Read-only (cached)."""
+    _check_sizes(n_in, n_out)
+    if n_in == n_out:  # torch copies an axis whose size does not change
+        return _frozen(np.eye(n_out))[0]
+    fn, half = _aa_filter(mode)
+    scale = n_in / n_out
+    support = half * scale if scale >= 1.0 else half
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    m = np.zeros((n_out, n_in), np.float64)
+    for j in range(n_out):
+        center = scale * (j + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        w = fn((np.arange(lo, hi) - center + 0.5) * inv)
+        total = w.sum()
+        m[j, lo:hi] = w / total if total != 0.0 else w
+    return _frozen(m)[0]
+
+
+def interpolate_host(x: np.ndarray, out_hw: tuple[int, int], axes: tuple[int, int] = (0, 1),
+                     mode: str = "bicubic", antialias: bool = False) -> np.ndarray:
+    """`F.interpolate(x, size=out_hw, mode=mode, align_corners=False, antialias=...)`
+    over the two `axes` of a host array: float32 in and out.
+
+    mode: 'bicubic' or 'bilinear'. Without antialias the weights are torch's float32
+    taps to the bit (`cubic_matrix` / `linear_matrix`); with it, `aa_matrix`. Either is
+    applied in float64 and rounded once, so the result is the exact resize of the
+    float32 input up to that rounding (torch's float32 kernels round each pass).
+    """
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    x = np.asarray(x, np.float64)
+    for axis, n_out in zip(axes, out_hw):
+        n_in = x.shape[axis]
+        if antialias:
+            m = aa_matrix(n_in, n_out, mode)
+        elif mode == "bicubic":
+            m = cubic_matrix(n_in, n_out).astype(np.float64)
+        else:
+            m = linear_matrix(n_in, n_out, dtype=np.float64)
+        x = np.moveaxis(np.tensordot(m, x, axes=([1], [axis])), 0, axis)
+    return x.astype(_F32)
 
 
 # ----------------------------------------------------------------------------- detection input
