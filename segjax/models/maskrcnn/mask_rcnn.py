@@ -49,6 +49,7 @@ from segjax.models.maskrcnn.roi_heads import (
     select_training_samples,
 )
 from segjax.models.maskrcnn.rpn import RPN_WEIGHTS, RPNHead, filter_proposals, rpn_loss
+from segjax.models.maskrcnn.vitdet import ViTDetBackbone
 from segjax.ops import boxes as box_ops
 from segjax.ops.resample import resize_image, resized_hw
 
@@ -77,10 +78,27 @@ class BackboneWithFPN(nn.Module):
 
 
 class MaskRCNN(nn.Module):
-    """Mask R-CNN; field defaults are torchvision `maskrcnn_resnet50_fpn`'s."""
+    """Mask R-CNN; field defaults are torchvision `maskrcnn_resnet50_fpn`'s.
+
+    `backbone_type` "vitdet": the plain ViT + simple feature pyramid of ViTDet
+    (`vitdet.py`, fields `vit_*`; the ResNet fields are unused) with drop path when a
+    'dropout' rng is given to `losses`.
+    """
 
     num_classes: int = 91
-    # backbone
+    backbone_type: str = "resnet_fpn"  # or "vitdet"
+    # ViTDet backbone (backbone_type "vitdet"; see vitdet.ViTDetBackbone)
+    vit_img_size: int = 1024
+    vit_pretrain_img_size: int = 224
+    vit_patch_size: int = 16
+    vit_embed_dim: int = 768
+    vit_depth: int = 12
+    vit_num_heads: int = 12
+    vit_window_size: int = 14
+    vit_global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
+    vit_drop_path_rate: float = 0.1
+    vit_remat: bool = False
+    # ResNet-FPN backbone
     depths: Sequence[int] = (3, 4, 6, 3)
     stem_width: int = 64
     width_per_group: int = 64
@@ -89,6 +107,7 @@ class MaskRCNN(nn.Module):
     fpn_channels: int = 256
     head_norm: bool = False  # v2: BatchNorm in FPN, box and mask heads
     head_bn_eps: float = 1e-5
+    head_norm_type: str = "bn"  # with head_norm: "bn" frozen BatchNorm (v2), "ln" LayerNorm (ViTDet)
     # RPN
     anchor_sizes: Sequence[Sequence[float]] = anchor_lib.DEFAULT_SIZES
     aspect_ratios: Sequence[float] = anchor_lib.DEFAULT_RATIOS
@@ -131,16 +150,26 @@ class MaskRCNN(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.backbone = BackboneWithFPN(self.depths, self.stem_width, self.width_per_group, self.bn_eps,
-                                        self.trainable_layers, self.fpn_channels, self.head_norm,
-                                        self.head_bn_eps, self.dtype)
+        if self.backbone_type == "vitdet":
+            self.backbone = ViTDetBackbone(
+                self.vit_img_size, self.vit_pretrain_img_size, self.vit_patch_size, self.vit_embed_dim,
+                self.vit_depth, self.vit_num_heads, window_size=self.vit_window_size,
+                global_attn_indexes=tuple(self.vit_global_attn_indexes),
+                drop_path_rate=self.vit_drop_path_rate, remat=self.vit_remat,
+                out_channels=self.fpn_channels, dtype=self.dtype)
+        elif self.backbone_type == "resnet_fpn":
+            self.backbone = BackboneWithFPN(self.depths, self.stem_width, self.width_per_group, self.bn_eps,
+                                            self.trainable_layers, self.fpn_channels, self.head_norm,
+                                            self.head_bn_eps, self.dtype)
+        else:
+            raise ValueError(f"backbone_type must be 'resnet_fpn' or 'vitdet', got {self.backbone_type!r}")
         # the RPN loss reaches at most rpn_batch_size_per_image anchors (so positions) per image
         self.rpn = RPNHead(len(self.anchor_sizes[0]) * len(self.aspect_ratios), self.rpn_conv_depth, self.dtype,
                            sparse_grad_locations=self.rpn_batch_size_per_image)
         self.roi_heads = RoIHeads(
             self.num_classes, self.representation_size, tuple(self.box_convs), tuple(self.mask_layers),
             self.mask_dim_reduced, self.head_norm, self.head_bn_eps, sampling_ratio=self.sampling_ratio,
-            aligned=self.aligned, dtype=self.dtype)
+            aligned=self.aligned, dtype=self.dtype, norm_type=self.head_norm_type)
 
     # ------------------------------------------------------------------ stages
 
@@ -154,12 +183,15 @@ class MaskRCNN(nn.Module):
                   & (jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]))
         return jnp.where(inside[..., None], x, 0.0)
 
-    def features(self, image: jax.Array, image_hw: jax.Array) -> list[jax.Array]:
-        """FPN levels [P2, P3, P4, P5, pool], each (B, H_l, W_l, F)."""
-        return self.backbone(self.normalize(image, image_hw))
+    def features(self, image: jax.Array, image_hw: jax.Array, train: bool = False) -> list[jax.Array]:
+        """FPN levels [P2, P3, P4, P5, pool], each (B, H_l, W_l, F). `train`: ViTDet's drop
+        path (needs the 'dropout' rng)."""
+        return self.features_normalized(self.normalize(image, image_hw), train)
 
-    def features_normalized(self, x: jax.Array) -> list[jax.Array]:
+    def features_normalized(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
         """FPN levels from an already normalised and padded (B, H, W, 3) batch."""
+        if self.backbone_type == "vitdet":
+            return self.backbone(x, train)
         return self.backbone(x)
 
     def rpn_outputs(self, feats: list[jax.Array], input_hw: tuple[int, int]) -> dict[str, Any]:
@@ -261,11 +293,11 @@ class MaskRCNN(nn.Module):
     def losses(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Training losses (torchvision's train-mode forward): (total, metrics).
 
-        Needs the 'sampling' rng stream. The five terms are summed unweighted, as
-        torchvision's reference training script does.
+        Needs the 'sampling' rng stream; a 'dropout' rng turns on ViTDet's drop path.
+        The five terms are summed unweighted, as torchvision's reference training script does.
         """
         rng_rpn, rng_roi = jax.random.split(self.make_rng("sampling"))
-        feats = self.features(batch["image"], batch["image_hw"])
+        feats = self.features(batch["image"], batch["image_hw"], train=self.has_rng("dropout"))
         l_rpn, metrics, props = self.rpn_losses(feats, batch, rng_rpn)
         l_roi, m_roi = self.roi_losses(feats, props, batch, rng_roi)
         metrics.update(m_roi)

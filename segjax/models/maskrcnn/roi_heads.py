@@ -5,7 +5,8 @@ M ground-truth instances (padded, valid mask), D detections per image, H/W input
 
 Heads (params named after torchvision's state dict; `roi_heads/box_head/fc6` etc.):
   box_head:      `fc6`, `fc7` (TwoMLPHead), or with `box_convs` (v2) `conv{i}` 3x3 +
-                 `conv{i}_bn` + ReLU then `fc` (FastRCNNConvFCHead)
+                 `conv{i}_bn` + ReLU then `fc` (FastRCNNConvFCHead); ViTDet (norm_type
+                 "ln"): `conv{i}_ln` LayerNorms instead of `conv{i}_bn`
   box_predictor: `cls_score` (C), `bbox_pred` (4C)
   mask_head:     `conv{0..3}` 3x3 + ReLU (v2: + `conv{i}_bn`); torch `mask_head.{i}.0`, legacy `mask_fcn{i+1}`
   mask_predictor:`conv5_mask` ConvTranspose 2x2 s2 + ReLU, `mask_fcn_logits` 1x1 (C)
@@ -59,16 +60,21 @@ class ConvTranspose2x2(nn.Module):
 
 
 def conv_relu_stack(x: jax.Array, widths: Sequence[int], norm: bool, bn_eps: float,
-                    dtype: jnp.dtype) -> jax.Array:
-    """3x3 `conv{i}` [+ `conv{i}_bn`] + ReLU per width, created in the calling module.
+                    dtype: jnp.dtype, norm_type: str = "bn") -> jax.Array:
+    """3x3 `conv{i}` [+ norm] + ReLU per width, created in the calling module.
 
     x: (N, h, w, C) -> (N, h, w, widths[-1]) (x itself for no widths); kaiming-normal
-    fan-out init as torchvision's heads.
+    fan-out init as torchvision's heads. norm_type "bn": frozen BatchNorm `conv{i}_bn`
+    (torchvision v2); "ln": channel LayerNorm `conv{i}_ln`, eps 1e-6 (ViTDet).
     """
+    if norm and norm_type not in ("bn", "ln"):
+        raise ValueError(f"head norm_type must be 'bn' or 'ln', got {norm_type!r}")
     kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     for i, c in enumerate(widths):
         x = conv(c, 3, bias=not norm, name=f"conv{i}", dtype=dtype, kernel_init=kaiming)(x)
-        if norm:
+        if norm and norm_type == "ln":
+            x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name=f"conv{i}_ln")(x)
+        elif norm:
             x = FrozenBatchNorm(bn_eps, name=f"conv{i}_bn")(x)
         x = nn.relu(x)
     return x
@@ -83,10 +89,11 @@ class BoxHead(nn.Module):
     norm: bool = False
     bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    norm_type: str = "bn"  # "ln": ViTDet's LayerNorm heads
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = conv_relu_stack(x, self.convs, self.norm, self.bn_eps, self.dtype)
+        x = conv_relu_stack(x, self.convs, self.norm, self.bn_eps, self.dtype, self.norm_type)
         x = x.reshape(x.shape[0], -1)  # (N, 7*7*F), (h, w, c) order
         if self.convs:
             return nn.relu(nn.Dense(self.representation_size, name="fc", dtype=self.dtype)(x))
@@ -115,10 +122,11 @@ class MaskHead(nn.Module):
     norm: bool = False
     bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    norm_type: str = "bn"  # "ln": ViTDet's LayerNorm heads
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = conv_relu_stack(x, self.layers, self.norm, self.bn_eps, self.dtype)
+        x = conv_relu_stack(x, self.layers, self.norm, self.bn_eps, self.dtype, self.norm_type)
         return x
 
 
@@ -152,12 +160,13 @@ class RoIHeads(nn.Module):
     sampling_ratio: int = 2
     aligned: bool = False
     dtype: jnp.dtype = jnp.float32
+    norm_type: str = "bn"  # with norm: "bn" frozen BatchNorm (v2), "ln" LayerNorm (ViTDet)
 
     def setup(self):
         self.box_head = BoxHead(self.representation_size, tuple(self.box_convs), self.norm, self.bn_eps,
-                                self.dtype)
+                                self.dtype, self.norm_type)
         self.box_predictor = BoxPredictor(self.num_classes, self.dtype)
-        self.mask_head = MaskHead(tuple(self.mask_layers), self.norm, self.bn_eps, self.dtype)
+        self.mask_head = MaskHead(tuple(self.mask_layers), self.norm, self.bn_eps, self.dtype, self.norm_type)
         self.mask_predictor = MaskPredictor(self.num_classes, self.mask_dim_reduced, self.dtype)
 
     def _pool(self, feats, boxes, image_hw, size):
