@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 
 from segjax import checkpoint, models, optim, runtime, sharding
 from segjax import tasks as tasks_lib
+from segjax.convert import init_maps
 from segjax.metrics_writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,13 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
         for path in ("optim.frozen", "optim.no_decay", "init_from.allow_missing",
                      "init_from.allow_unexpected"):
             check(path, regexes, "must be a tuple of valid regular expressions", optional=True)
+        check("init_from.mapping", lambda v: v in ("", *init_maps.MAPPINGS),
+              f"must be '' or one of {sorted(init_maps.MAPPINGS)}", optional=True)
+        check("init_from.rules", lambda v: regexes([r for r, _ in v]),
+              "must be a tuple of (source regex, target template) pairs", optional=True)
+        check("init_from.transforms", lambda v: regexes([r for r, _ in v]) and all(
+            t in init_maps.TRANSFORMS for _, t in v),
+              f"must be a tuple of (target regex, one of {init_maps.TRANSFORMS}) pairs", optional=True)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -331,9 +339,8 @@ def restore_or_init(trainer: Trainer, ckpt: checkpoint.TrainCheckpointer) -> tup
         # NOTE: process_allgather, not device_get: FSDP params may live on other hosts.
         fresh = multihost_utils.process_allgather(trainer.init_state()["params"], tiled=True)
         loaded, meta = checkpoint.load_params(config.init_from.path)
-        params, report = checkpoint.merge_params(
-            fresh, loaded, config.init_from.get("allow_missing", ()),
-            config.init_from.get("allow_unexpected", ()))
+        # by path (merge_params), or through the declared mapping (init_from.mapping / rules)
+        params, report = init_maps.init_params(fresh, loaded, meta, config.init_from)
         log.info("initialised from %s (%s): %d loaded, missing (kept from init) %s, unused %s",
                  config.init_from.path, meta.get("model"), len(report["loaded"]),
                  report["missing"], report["unexpected"])
