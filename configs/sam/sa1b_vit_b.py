@@ -1,0 +1,59 @@
+r"""SAM ViT-B trained as the paper does, on SA-1B-format data, at scale (TPU pod / GPU node).
+
+  python train.py --config configs/sam/sa1b_vit_b.py --workdir gs://bucket/sam_vit_b \
+      --config.data.root=/data/sa1b --config.init_from.path=workdirs/mae_vit_b16
+
+The recipe (Kirillov et al. 2023, appendix "Training algorithm"): AdamW (0.9, 0.999),
+weight decay 0.1, linear warmup 250 steps then step decay x0.1 twice (at 2/3 and
+26/27 of the run), layer-wise lr decay and drop path in the image encoder, at most 64
+masks per image per step (masks over 90% of the image dropped), no augmentation, 11
+prompt rounds per mask, the image encoder initialised from MAE (`init_from` through
+the `mae_to_sam_encoder` mapping; leave the path empty to start from scratch). The
+ViT-B numbers (lr 8e-4, layer decay 0.6, drop path 0.6, 180k steps at batch 128) are
+the paper's ViT-B ablation settings.
+
+Scale switches: `mesh` (data x fsdp: parameters and optimizer state sharded over
+`fsdp` devices), `compute_dtype='bfloat16'` (float32 master weights),
+`model.kwargs.encoder_remat` (recompute encoder blocks in the backward pass).
+Data: `data.splits` maps each split to a folder of sa_*.jpg + sa_*.json (or a list of
+folders), "{root}" standing for `data.root`. `:runlocal` is a tiny smoke run on the
+generated shapes data.
+"""
+
+from configs.common import parse_arg
+from configs.sam import shapes
+from configs.sam.base import decay_at, sam_config
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, runlocal=False)
+    c = sam_config("sam_vit_b", img_size=1024, max_masks=64, encoder_drop_path_rate=0.6, encoder_remat=True)
+    c.data.kind = "sa1b"
+    c.data.dataset = "sa1b"
+    c.data.splits = {"train": "{root}/train", "val": "{root}/val"}
+    c.data.eval_max_masks = 16
+    c.compute_dtype = "bfloat16"
+    c.mesh = {"data": -1, "fsdp": 8, "model": 1}
+    c.batch_size = 128
+    c.eval_batch_size = 8
+    c.total_steps = 180_000
+    c.optim.lr = 8e-4
+    c.optim.warmup_steps = 250
+    c.optim.decay_steps = decay_at(c.total_steps)
+    c.eval.max_images = 500
+    c.eval_every = 10_000
+    c.log_every = 100
+    c.checkpoint.save_every = 2_000
+    shapes.mae_init(c)
+    c.optim.layer_decay = 0.6  # the paper's ViT-B value (mae_init sets the tiny model's 0.8)
+    c.init_from.path = ""  # a converted MAE ViT-B/16 (mae_pretrain_vit_base.pth)
+    if arg.runlocal:
+        local = shapes.get_config("runlocal")
+        for key in ("model", "data", "batch_size", "eval_batch_size", "total_steps", "eval", "eval_every",
+                    "log_every", "checkpoint"):
+            c[key] = local[key]
+        c.model.kwargs = dict(local.model.kwargs, encoder_drop_path_rate=0.1, encoder_remat=True)
+        c.mesh = {"data": -1, "fsdp": 1, "model": 1}
+        c.optim.warmup_steps = 5
+        c.optim.decay_steps = decay_at(c.total_steps)
+    return c

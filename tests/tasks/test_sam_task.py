@@ -1,0 +1,266 @@
+"""SAM task: a short train + interactive eval through the generic loop, the trained
+workdir in SamPredictor / back to the official .pth, sharded == one device, SIGKILL
+resume bit-exact, lowering for TPU and GPU, decoder-only training on cached
+embeddings, the image encoder's drop path and remat, every SAM config builds."""
+
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.sam import finetune, sa1b_vit_b
+from configs.sam import shapes as shapes_config
+from segjax import checkpoint, models, sharding, train_loop
+from segjax.tasks import sam as sam_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHAPES = {"image_size": 64, "num_train": 16, "num_val": 4, "max_objects": 3, "min_size": 12,
+          "max_size": 28, "seed": 0}
+MODEL = {"img_size": 64, "pretrain_img_size": 64, "window_size": 4}
+OVERRIDES = dict(batch_size=8, eval_batch_size=4, total_steps=2, eval_every=2, log_every=1)
+
+
+def _resume_helpers():
+    """tests/test_resume.py's kill helpers (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("_resume", os.path.join(ROOT, "tests", "test_resume.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _config(data_dir, variant=None, **kw):
+    c = shapes_config.get_config(",".join(x for x in ("runlocal", variant) if x))
+    c.unlock()
+    c.data.data_dir = data_dir
+    c.data.shapes = dict(SHAPES)
+    c.data.img_size = 64
+    c.data.max_masks = 2
+    c.model.kwargs = dict(MODEL)
+    c.eval.max_images = 2
+    c.eval.max_clicks = 3
+    c.eval.num_draw = 1
+    c.checkpoint.save_every = 2
+    c.checkpoint.async_save = False
+    c.optim.warmup_steps = 1
+    c.optim.decay_steps = (10, 20)
+    for k, v in {**OVERRIDES, **kw}.items():
+        c[k] = v
+    return c
+
+
+def _one_device():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices()[:1])
+
+
+def test_train_eval_predictor_and_official_export(data_dir, tmp_path):
+    from segjax.convert.__main__ import main as convert_cli
+    from segjax.inference.sam import SamPredictor
+
+    c = _config(data_dir)
+    workdir = str(tmp_path / "wd")
+    metrics = train_loop.train(c, workdir)
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+    for k in ("miou@1", "miou@3", "noc@85", "noc@90", "miou_box"):
+        assert f"eval/{k}" in metrics, sorted(metrics)
+    assert 0 <= metrics["eval/miou@1"] <= 1 and 1 <= metrics["eval/noc@90"] <= 3
+    assert os.path.exists(os.path.join(workdir, "images", "sam_step000002.png"))
+    # eval.py's path gives the same numbers from the checkpoint
+    again = train_loop.evaluate_checkpoint(c, workdir)
+    for k, v in again.items():
+        assert v == pytest.approx(metrics[f"eval/{k}"], abs=1e-6), k
+
+    # the workdir is a SamPredictor checkpoint as it is
+    pred = SamPredictor.from_checkpoint(workdir)
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    pred.set_image(image)
+    masks, scores, _ = pred.predict(np.array([[20.0, 20.0]]), np.array([1]))
+    assert masks.shape == (3, 48, 64) and np.isfinite(scores).all()
+
+    # ... and converts back to the official layout, loadable with strict=True
+    torch = pytest.importorskip("torch")
+    from segjax.testing.sam_official import TINY, build_official
+
+    out = tmp_path / "sam.pth"
+    assert convert_cli(["sam", "--reverse", workdir, str(out)]) == 0
+    official = build_official(dict(TINY, img=64))
+    official.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
+
+
+def _run(config, mesh, batches):
+    tr = train_loop.Trainer(config, mesh=mesh)
+    state = tr.init_state()
+    metrics = []
+    for b in batches:
+        with tr.mesh:
+            state, m = tr.train_step(state, tr.put_batch(b))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state["params"]), metrics, tr
+
+
+def test_data_and_fsdp_sharded_step_equals_one_device(data_dir):
+    c = _config(data_dir)
+    loader = sam_task.make_loader(c, "train", 0, 1)
+    batches = [loader.get_batch(s) for s in range(2)]
+    assert set(batches[0]) == set(sam_task.MODEL_KEYS)
+    ref_params, ref_m, tr = _run(c, _one_device(), batches)
+    params, m, _ = _run(c, sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}), batches)
+    for a, b in zip(m, ref_m):
+        # the same prompts (one rng, no per-device sampling) and the same math; fp32
+        # reductions in another order
+        for k in ("loss", "iou_round1", "iou_last", "num_masks"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    init = jax.device_get(tr.init_state()["params"])
+    flat, ref, start = (checkpoint.flatten_paths(t) for t in (params, ref_params, init))
+    moved = max(np.abs(ref[p] - start[p]).max() for p in ref)
+    assert moved > 1e-3  # two Adam steps (lr ~1e-3) moved the weights
+    for path, a in flat.items():
+        # Adam normalises rounding noise of near-zero gradients into updates of up to
+        # lr: agreement to a fraction of one step, not to fp32 precision
+        np.testing.assert_allclose(a, ref[path], rtol=0, atol=2e-4, err_msg=path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_step_lowers_for_tpu_and_cuda(data_dir, dtype):
+    c = _config(data_dir, compute_dtype=dtype)
+    c.model.kwargs = dict(MODEL, encoder_remat=True, encoder_drop_path_rate=0.1)
+    tr = train_loop.Trainer(c, mesh=sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}))
+    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   tr.abstract_state(), tr.state_shardings)
+    shapes = {"image": ((8, 64, 64, 3), jnp.float32), "image_hw": ((8, 2), jnp.int32),
+              "masks": ((8, 2, 16, 16), jnp.bool_), "boxes": ((8, 2, 4), jnp.float32),
+              "valid": ((8, 2), jnp.bool_)}
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=tr.batch_sharding) for k, (s, d) in shapes.items()}
+    exp = jax.export.export(tr.train_step, platforms=("tpu", "cuda"))(state, batch)
+    assert exp.platforms == ("tpu", "cuda") and exp.nr_devices == 8
+    assert ("bf16" in exp.mlir_module()) == (dtype == "bfloat16")
+
+
+def test_decoder_only_step_on_cached_embeddings(data_dir, tmp_path):
+    """The cached step equals the full step with the encoder frozen; the encoder runs
+    once per image; its params never move."""
+    c = _config(data_dir)
+    c.optim.frozen = (r"^image_encoder/",)
+    tr = train_loop.Trainer(c, mesh=_one_device())
+    init = jax.device_get(tr.init_state()["params"])
+    ckpt = checkpoint.save_params(tmp_path / "init", init, {"model": c.model.name,
+                                                            "model_kwargs": dict(c.model.kwargs)})
+    cached = _config(data_dir)
+    cached.optim.frozen = (r"^image_encoder/",)
+    cached.sam.cached_embeddings = True
+    cached.sam.embedding_cache_dir = str(tmp_path / "cache")
+    cached.init_from.path = ckpt
+    loader = sam_task.make_loader(cached, "train", 0, 1)
+    full_loader = sam_task.make_loader(c, "train", 0, 1)
+    b0 = loader.get_batch(0)
+    assert set(b0) == set(sam_task.CACHED_KEYS) and b0["embeddings"].shape == (8, 4, 4, 32)
+    for s in range(1, 4):  # two epochs of 16 images
+        loader.get_batch(s)
+    assert loader.cache.num_computed == 16
+    assert len(os.listdir(os.path.join(tmp_path / "cache", loader.cache.key))) == 16
+
+    def steps(config, ld):
+        tr = train_loop.Trainer(config, mesh=_one_device())
+        state = tr.state_from_params(init)
+        out = []
+        for s in range(2):
+            with tr.mesh:
+                state, m = tr.train_step(state, tr.put_batch(ld.get_batch(s)))
+            out.append(float(m["loss"]))
+        return out, jax.device_get(state["params"])
+
+    got, params = steps(cached, loader)
+    want, _ = steps(c, full_loader)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    enc = checkpoint.flatten_paths(params["image_encoder"])
+    for path, v in checkpoint.flatten_paths(init["image_encoder"]).items():
+        np.testing.assert_array_equal(enc[path], v, err_msg=path)
+    bad = _config(data_dir)
+    bad.sam.cached_embeddings = True
+    with pytest.raises(ValueError, match="frozen"):
+        sam_task.build_model(bad)
+
+
+def test_encoder_drop_path_and_remat():
+    kw = dict(MODEL, encoder_drop_path_rate=0.5)
+    plain, remat = models.build("sam_vit_tiny", **kw), models.build("sam_vit_tiny", encoder_remat=True, **kw)
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3)) * 255
+    hw = jnp.array([[64, 64], [40, 64]], jnp.int32)
+    p = plain.init(jax.random.key(1), x, hw, method="embed_image")["params"]
+    rngs = {"dropout": jax.random.key(2)}
+
+    def loss(m, train):
+        return lambda q: jnp.sum(m.apply({"params": q}, x, hw, train, rngs=rngs, method="embed_image")[..., 0])
+
+    g_plain, g_remat = jax.grad(loss(plain, True))(p), jax.grad(loss(remat, True))(p)
+    for a, b in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
+        # the same math recomputed (fp32, another fusion): to 1e-3 of the gradient's scale
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * float(np.abs(b).max()) + 1e-7)
+    eval_out = plain.apply({"params": p}, x, hw, method="embed_image")
+    train_out = plain.apply({"params": p}, x, hw, True, rngs=rngs, method="embed_image")
+    assert np.abs(eval_out - plain.apply({"params": p}, x, hw, False, rngs=rngs, method="embed_image")).max() == 0
+    assert np.abs(eval_out - train_out).max() > 1e-2  # drop path acts in training only
+
+
+def test_every_sam_config_builds():
+    """Every variant builds its trainer (abstract shapes only), the paper's recipe included."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1})
+    for mod, variants in ((shapes_config, ("", "runlocal", "mae_init")),
+                          (finetune, ("", "full", "decoder", "mae_init", "runlocal")),
+                          (sa1b_vit_b, ("", "runlocal"))):
+        for v in variants:
+            c = mod.get_config(v or None)
+            assert c.task == "sam", (mod.__name__, v)
+            c.unlock()
+            c.batch_size = 8
+            tr = train_loop.Trainer(c, mesh=mesh)
+            assert tr.model.img_size == c.data.img_size
+    c = sa1b_vit_b.get_config()
+    assert c.optim.b1 == 0.9 and c.optim.b2 == 0.999 and c.optim.weight_decay == 0.1
+    assert c.optim.schedule == "step" and c.optim.warmup_steps == 250 and len(c.optim.decay_steps) == 2
+    assert c.data.max_masks == 64 and c.compute_dtype == "bfloat16" and c.model.kwargs["encoder_remat"]
+    assert c.mesh.fsdp != 1 and c.optim.layer_decay and c.model.kwargs["encoder_drop_path_rate"] > 0
+    with pytest.raises(ValueError, match="runlocal"):
+        shapes_config.get_config("fast")
+
+
+def _cmd(workdir, data_dir, steps):
+    sets = {"total_steps": steps, "batch_size": 4, "eval_every": 0, "log_every": 1,
+            "checkpoint.save_every": 5, "checkpoint.keep": 2, "data.data_dir": data_dir,
+            "data.img_size": 64, "data.max_masks": 2, "model.kwargs.img_size": 64,
+            "model.kwargs.pretrain_img_size": 64, "data.shapes.image_size": 64,
+            "optim.warmup_steps": 2, "optim.decay_steps": "(8,12)"}
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+            os.path.join(ROOT, "configs/sam/shapes.py") + ":runlocal", "--workdir", str(workdir),
+            *(f"--config.{k}={v}" for k, v in sets.items())]
+
+
+@pytest.mark.slow  # three train.py runs (~3 CPU-minutes)
+def test_sigkill_then_resume_is_bit_exact(data_dir, tmp_path):
+    r = _resume_helpers()
+    steps = 15
+    ref = subprocess.run(_cmd(tmp_path / "ref", data_dir, steps), env=r._env(), capture_output=True,
+                         text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    work = tmp_path / "killed"
+    r._kill_while_writing(_cmd(work, data_dir, steps), work, random.Random())
+    assert max(r._finalised_steps(work), default=0) < steps
+    resumed = subprocess.run(_cmd(work, data_dir, steps), env=r._env(), capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, meta_a = checkpoint.load_params(tmp_path / "ref")
+    b, meta_b = checkpoint.load_params(work)
+    assert meta_a["step"] == meta_b["step"] == steps
+    for (path, x), y in zip(checkpoint.flatten_paths(a).items(), checkpoint.flatten_paths(b).values()):
+        np.testing.assert_array_equal(x, y, err_msg=path)  # bit-identical
