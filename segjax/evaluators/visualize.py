@@ -82,6 +82,17 @@ def side_by_side(images: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
     return np.concatenate(tiles[:-1], axis=1)
 
 
+def one_under_another(images: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Concatenates (H_i, W_i, 3) uint8 images top to bottom on white, left-aligned."""
+    w = max(im.shape[1] for im in images)
+    tiles = []
+    for im in images:
+        tile = np.full((im.shape[0], w, 3), 255, np.uint8)
+        tile[:, : im.shape[1]] = im
+        tiles += [tile, np.full((gap, w, 3), 255, np.uint8)]
+    return np.concatenate(tiles[:-1], axis=0)
+
+
 def save_png(path: str, image: np.ndarray) -> str:
     """Writes (H, W, 3) uint8 as PNG, creating directories; returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

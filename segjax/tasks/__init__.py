@@ -12,6 +12,7 @@ import importlib
 
 TASKS = {"mae": "segjax.tasks.mae", "classification": "segjax.tasks.classification"}
 TASKS["maskrcnn"] = "segjax.tasks.maskrcnn"
+TASKS["sam"] = "segjax.tasks.sam"
 
 
 def get(name: str):

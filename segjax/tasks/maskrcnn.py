@@ -9,6 +9,8 @@ Data (`config.data`):
   data_dir ('' = ~/tensorflow_datasets), train_split, eval_split,
   min_size (int or tuple: multi-scale training), max_size, pad_size (H, W),
   max_instances, hflip, label_key ('label' contiguous | 'category_id').
+  lsj: {} or {'size', 'min_scale', 'max_scale'[, 'recompute_boxes']}: large-scale
+    jitter in training (segjax.data.jitter) instead of the min_size resize.
 Evaluation (`config.eval`): max_images (0 = the whole split), num_draw pictures,
   backend ('pycocotools' | 'faster_coco_eval'), annotation_file ('' = ground truth
   rebuilt from the dataset records; a JSON path gives the official numbers),
@@ -40,7 +42,7 @@ from segjax.evaluators import visualize
 from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, rescale_boxes
 from segjax.tasks import common
 
-RNG_STREAMS = ("sampling",)
+RNG_STREAMS = ("sampling", "dropout")  # dropout: ViTDet drop path
 # What the model reads from a batch (the rest stays on the host).
 MODEL_KEYS = ("image", "image_hw", "boxes", "labels", "masks", "valid")
 
@@ -114,7 +116,8 @@ def preprocess(config, train: bool) -> maskrcnn_data.DetectionPreprocess:
     return maskrcnn_data.DetectionPreprocess(
         min_size=min_size, max_size=int(d.max_size), pad_size=pad_size(config),
         max_instances=int(d.max_instances), hflip=bool(d.get("hflip", False)) and train,
-        label_key=d.get("label_key", "label"), with_masks=train)
+        label_key=d.get("label_key", "label"), with_masks=train,
+        lsj=maskrcnn_data.LargeScaleJitter(**dict(d.lsj)) if train and d.get("lsj") else None)
 
 
 class _ModelBatches:
@@ -257,10 +260,7 @@ def _draw(config, source, meta, drawn, workdir, step, writer) -> None:
             visualize.draw_detections(image, det["boxes"], labels, det["scores"], det["masks"], names,
                                       score_threshold=threshold, scale=scale),
             visualize.draw_detections(image, obj["bbox"], obj["label"], None, gt_masks, names, scale=scale)]))
-    width = max(r.shape[1] for r in rows)
-    gap = np.full((4, width, 3), 255, np.uint8)
-    padded = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    picture = np.concatenate(sum(([r, gap] for r in padded), [])[:-1], axis=0)
+    picture = visualize.one_under_another(rows)
     visualize.save_png(os.path.join(workdir, "images", f"maskrcnn_step{step:06d}.png"), picture)
     visualize.save_png(os.path.join(workdir, "images", "maskrcnn_latest.png"), picture)
     writer.image("eval/detections", picture, step)
