@@ -20,7 +20,10 @@ GeneralizedRCNNTransform's (scale = min(min_size / short side, max_size / long s
 output size floor(side * scale), bilinear without antialias for the image and
 nearest for the masks, all with torch's arithmetic from `segjax.ops.resample`, boxes
 scaled by the per-axis size ratio); the training flip
-happens before the resize, as in references/detection/transforms.py.
+happens before the resize, as in references/detection/transforms.py. With `lsj`,
+training examples take detectron2's large-scale jitter instead of the resize
+(`segjax.data.jitter`: random scale, fixed-size crop padded to a static shape,
+instances that leave the crop dropped).
 
 Batches come from `segjax.data.pipeline`'s `Loader` / `EvalLoader` over a
 `DetectionSource`, so determinism and resumption are theirs: training batch `step`
@@ -37,6 +40,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segjax.data.decode import DecodedSource, decode_image
+from segjax.data.jitter import LargeScaleJitter
 from segjax.ops.resample import nearest_indices, resize_image, resized_hw  # the model's input convention
 
 Batch = dict[str, np.ndarray]
@@ -66,6 +70,10 @@ class DetectionPreprocess:
         torchvision's 91-class COCO heads).
       with_masks: produce the `masks` target; False (evaluation) skips decoding and
         the (M, H, W) array, 180 MB per COCO image at M=100, 1344x1344.
+      lsj: large-scale jitter (`segjax.data.jitter.LargeScaleJitter`) in training,
+        instead of the min_size / max_size resize (after the flip, as detectron2's LSJ
+        loader); its S x S output sits at the top left of pad_size (S must fit).
+        Evaluation keeps the resize.
     """
 
     min_size: int | tuple[int, ...] = 800
@@ -75,8 +83,12 @@ class DetectionPreprocess:
     hflip: bool = False
     label_key: str = "label"
     with_masks: bool = True
+    lsj: LargeScaleJitter | None = None
 
     def __post_init__(self):
+        if self.lsj is not None and (self.lsj.size > self.pad_size[0] or self.lsj.size > self.pad_size[1]):
+            raise ValueError(f"the large-scale jitter crop {self.lsj.size}x{self.lsj.size} does not fit "
+                             f"pad_size {tuple(self.pad_size)}")
         if self.label_key not in ("label", "category_id"):
             raise ValueError(f"label_key must be 'label' or 'category_id', got {self.label_key!r}")
         if self.max_instances < 1:
@@ -117,22 +129,33 @@ class DetectionPreprocess:
                 image, masks = image[:, ::-1], masks[:, :, ::-1]
                 boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=-1)
 
-        rh, rw = resized_hw(h, w, min_size, self.max_size)
         ph, pw = self.pad_size
-        if rh > ph or rw > pw:
-            raise ValueError(f"resized image {rh}x{rw} does not fit pad_size {self.pad_size} "
-                             f"(min_size {min_size}, max_size {self.max_size})")
         out_image = np.zeros((ph, pw, 3), np.float32)
-        out_image[:rh, :rw] = resize_image(image, (rh, rw))
         m = self.max_instances
-        n = len(keep)
         out = {}
         if self.with_masks:
             out["masks"] = np.zeros((m, ph, pw), np.uint8)
-            if n:
-                out["masks"][:n, :rh, :rw] = masks[:, nearest_indices(h, rh)][:, :, nearest_indices(w, rw)]
         out_boxes = np.zeros((m, 4), np.float32)
-        out_boxes[:n] = boxes * np.array([rw / w, rh / h, rw / w, rh / h], np.float32)
+        if rng is not None and self.lsj is not None:
+            jit = self.lsj(image, boxes, masks if self.with_masks else None, rng)
+            s = self.lsj.size
+            rh, rw = (int(v) for v in jit["image_hw"])
+            out_image[:s, :s] = jit["image"]
+            labels = labels[jit["keep"]]
+            n = len(labels)  # instances that left the crop are dropped
+            out_boxes[:n] = jit["boxes"]
+            if self.with_masks:
+                out["masks"][:n, :s, :s] = jit["masks"]
+        else:
+            rh, rw = resized_hw(h, w, min_size, self.max_size)
+            if rh > ph or rw > pw:
+                raise ValueError(f"resized image {rh}x{rw} does not fit pad_size {self.pad_size} "
+                                 f"(min_size {min_size}, max_size {self.max_size})")
+            out_image[:rh, :rw] = resize_image(image, (rh, rw))
+            n = len(keep)
+            if self.with_masks and n:
+                out["masks"][:n, :rh, :rw] = masks[:, nearest_indices(h, rh)][:, :, nearest_indices(w, rw)]
+            out_boxes[:n] = boxes * np.array([rw / w, rh / h, rw / w, rh / h], np.float32)
         out_labels = np.zeros((m,), np.int32)
         out_labels[:n] = labels
         return {"image": out_image, "image_hw": np.array([rh, rw], np.int32),

@@ -74,3 +74,12 @@ def test_interpolate_host_other_axes_and_bad_mode():
         resample.interpolate_host(x[0], (3, 3), mode="nearest")
     with pytest.raises(ValueError, match="sizes must be positive"):
         resample.aa_matrix(0, 3)
+
+
+def test_interpolate_host_window_is_a_crop_of_the_full_resize():
+    x = np.random.default_rng(2).standard_normal((30, 41, 3)).astype(np.float32)
+    for antialias in (True, False):
+        full = resample.interpolate_host(x, (70, 12), mode="bilinear", antialias=antialias)
+        part = resample.interpolate_host(x, (70, 12), mode="bilinear", antialias=antialias,
+                                         window=((5, 60), (3, 12)))
+        np.testing.assert_array_equal(part, full[5:60, 3:12])
