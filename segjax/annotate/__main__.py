@@ -32,6 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                     "(default: SAM's automatic mask generator)")
     p.add_argument("--propose-points", type=int, default=16,
                    help="automatic mask generator grid: points per side (default 16)")
+    p.add_argument("--propose-iou-thresh", type=float, default=0.88,
+                   help="automatic mask generator: least predicted IoU (default 0.88)")
+    p.add_argument("--propose-stability-thresh", type=float, default=0.95,
+                   help="automatic mask generator: least stability score (default 0.95)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="SAM compute dtype")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
@@ -68,7 +72,8 @@ def build(args: argparse.Namespace):
     if args.propose_points < 1:
         raise ValueError("--propose-points must be >= 1")
     seg = Segmenter(folder, predictor, store, os.path.join(cache_dir, "logits"), detector,
-                    {"points_per_side": args.propose_points})
+                    {"points_per_side": args.propose_points, "pred_iou_thresh": args.propose_iou_thresh,
+                     "stability_score_thresh": args.propose_stability_thresh})
     return create_app(seg, args.max_body_bytes), seg
 
 

@@ -153,7 +153,7 @@ async function loadImages() {
 async function openImage(name) {
   resetPrompts(); S.proposal = null; $("proposal-bar").hidden = true; S.selected = null;
   S.name = name; S.maskCache.clear(); $("image-name").textContent = name;
-  document.body.dataset.embedded = "";
+  document.body.dataset.embedded = ""; document.body.dataset.opened = "";
   for (const li of $("image-list").children) li.classList.toggle("current", li.dataset.name === name);
   const img = new Image();
   const loaded = new Promise((ok, bad) => { img.onload = ok; img.onerror = () => bad(new Error("cannot load image")); });
@@ -165,6 +165,7 @@ async function openImage(name) {
     S.img = img; S.W = img.naturalWidth; S.H = img.naturalHeight;
     await loadAnnotations(); fit();
     await embedding;
+    if (S.name === name) document.body.dataset.opened = name;  // image, annotations and embedding ready
   } catch (e) { say(e.message); }
 }
 async function embed(name) {
