@@ -142,14 +142,21 @@ def test_kill_between_accepts_keeps_every_mask_and_resumes(workspace, start_serv
     assert exported == json.loads(out.read_text())
     server.kill()
 
-    # the dataset builder of the Mask R-CNN configs reads the file
+    # the Mask R-CNN COCO config reads the file with the README's overrides
+    from configs.maskrcnn import coco_r50_fpn
     from segjax.data import coco as coco_data
+    from segjax.tasks import maskrcnn as maskrcnn_task
 
-    coco_data.prepare_coco(tmp_path / "tfds", "annotated", {"train": (workspace["images"], str(out))})
-    meta = coco_data.dataset_metadata(tmp_path / "tfds", "annotated")
+    config = coco_r50_fpn.get_config()
+    config.data.splits = {"train": (workspace["images"], str(out)), "val": (workspace["images"], str(out))}
+    config.data.dataset = "annotated"
+    config.data.data_dir = str(tmp_path / "tfds")
+    data_dir, name = maskrcnn_task.dataset(config)
+    meta = coco_data.dataset_metadata(data_dir, name)
+    maskrcnn_task.check_num_classes(config, meta)
     assert meta["category_names"] == ["blob", "other", "new"]
     assert meta["counts"]["train"]["annotations_written"] == 3
-    records = coco_data.open_split(tmp_path / "tfds", "annotated", "train")
+    records = coco_data.open_split(data_dir, name, "train")
     assert sorted(r["file_name"].decode() if isinstance(r["file_name"], bytes) else r["file_name"]
                   for r in records) == ["a.png", "b.png", "sub/c.png"]
 
