@@ -1,22 +1,16 @@
 """A tiny converted SAM, generated images with known objects, and the annotation server
-as a subprocess (`python -m segjax.annotate`), for the tests of segjax.annotate."""
+as a subprocess (`segjax.testing.annotate_page.AnnotateServer`), for tests/annotate."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from segjax.testing.annotate_page import AnnotateServer
+
 H, W = 96, 128
 # (file name, disc centre (x, y), radius, colour): one known object per image
 OBJECTS = [("a.png", (50, 40), 20, (220, 60, 60)), ("b.png", (80, 55), 18, (60, 200, 60)),
@@ -52,55 +46,13 @@ def workspace(tmp_path_factory):
     return {"root": root, "images": str(images), "ckpt": ckpt}
 
 
-class Server:
-    """`python -m segjax.annotate` on a free port; `.url`, `.call(...)`, `.kill()`."""
-
-    def __init__(self, workspace, out, *extra):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segjax.annotate", workspace["images"], "--checkpoint", workspace["ckpt"],
-             "--out", str(out), "--categories", "blob,other", "--port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-        lines = []
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"serving on (http://\S+)/", line)
-            if m:
-                self.url = m.group(1)
-                return
-        self.kill()
-        raise RuntimeError("the server did not start:\n" + "".join(lines))
-
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120):
-        """(status, parsed JSON or bytes)."""
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, payload, ctype = r.status, r.read(), r.headers.get("content-type", "")
-        except urllib.error.HTTPError as e:
-            status, payload, ctype = e.code, e.read(), e.headers.get("content-type", "")
-        return status, (json.loads(payload) if "json" in ctype else payload)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL: no clean-up runs
-            self.proc.wait(timeout=30)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-
 @pytest.fixture
 def start_server():
     servers = []
 
-    def start(workspace, out, *extra) -> Server:
-        servers.append(Server(workspace, out, *extra))
+    def start(workspace, out, *extra) -> AnnotateServer:
+        servers.append(AnnotateServer(workspace["images"], workspace["ckpt"], out, "--categories", "blob,other",
+                                      *extra))
         return servers[-1]
 
     yield start

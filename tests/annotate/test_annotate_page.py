@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -14,92 +13,37 @@ import pytest
 from PIL import Image
 
 from segjax.testing import importorskip, in_ci
+from segjax.testing.annotate_page import browser_paths, click, drag, headless_chromium, keys, wait_for
 
 CENTER = (50, 40)  # the disc of a.png (conftest.OBJECTS)
 
 
-def _browser_paths() -> tuple[str, str]:
-    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chrome and driver):
+@pytest.fixture
+def browser(tmp_path):
+    if browser_paths() is None:
         msg = "headless Chromium + chromedriver are not installed (apt-get install -y chromium chromium-driver)"
         if in_ci():
             raise RuntimeError(msg)
         pytest.skip(msg)
-    return chrome, driver
-
-
-@pytest.fixture
-def browser(tmp_path):
-    chrome, driver_path = _browser_paths()
-    webdriver = importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1100,700", "--force-device-scale-factor=1"):
-        opts.add_argument(arg)
+    importorskip("selenium")
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False})
-    drv = webdriver.Chrome(service=Service(driver_path), options=opts)
+    drv = headless_chromium(downloads)
     drv.downloads = downloads
     yield drv
     drv.quit()
 
 
-def _wait(drv, script, want, timeout=90):
-    deadline = time.time() + timeout
-    got = None
-    while time.time() < deadline:
-        got = drv.execute_script(script)
-        if got == want:
-            return got
-        time.sleep(0.05)
-    msg = drv.execute_script("return document.getElementById('message').textContent")
-    raise AssertionError(f"{script!r} is {got!r}, waited for {want!r}; page message: {msg!r}")
-
-
 def _idle(drv):
-    _wait(drv, "return document.body.dataset.busy === '0' && !window.segjax.state.inflight", True)
+    wait_for(drv, "return document.body.dataset.busy === '0' && !window.segjax.state.inflight", True)
 
 
 def _n_annotations(drv) -> int:
     return drv.execute_script("return document.querySelectorAll('#annotation-list li').length")
 
 
-def _at(drv, x, y):
-    """Viewport coordinates of original-image pixel (x, y)."""
-    r = drv.execute_script("const r = document.getElementById('canvas').getBoundingClientRect();"
-                           "return [r.left, r.top, window.segjax.state.scale];")
-    return round(r[0] + x * r[2]), round(r[1] + y * r[2])
-
-
-def _pointer(drv):
-    from selenium.webdriver.common.actions.action_builder import ActionBuilder
-
-    return ActionBuilder(drv)
-
-
-def _keys(drv, *keys, ctrl=False, shift=False):
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.keys import Keys
-
-    chain = ActionChains(drv)
-    mods = ([Keys.CONTROL] if ctrl else []) + ([Keys.SHIFT] if shift else [])
-    for m in mods:
-        chain.key_down(m)
-    chain.send_keys(*keys)
-    for m in mods:
-        chain.key_up(m)
-    chain.perform()
-
-
 def test_click_box_accept_undo_reload_export(workspace, start_server, browser, tmp_path):
     from pycocotools.coco import COCO
-    from selenium.webdriver.common.actions.mouse_button import MouseButton
 
     from segjax.data.decode import read_image
     from segjax.inference.sam.predictor import SamPredictor
@@ -109,52 +53,42 @@ def test_click_box_accept_undo_reload_export(workspace, start_server, browser, t
                           "--propose-stability-thresh", "0")
     drv = browser
     drv.get(server.url + "/")
-    _wait(drv, "return document.body.dataset.opened", "a.png")
+    wait_for(drv, "return document.body.dataset.opened", "a.png")
     assert "embedded in" in drv.find_element("id", "embed-status").text
     shortcuts = drv.find_element("id", "shortcuts").text
     for word in ("foreground", "background", "box", "undo", "Delete", "propose"):
         assert word in shortcuts
 
     # one click: 3 candidates with their IoU; key 2 picks the second
-    x, y = _at(drv, *CENTER)
-    ab = _pointer(drv)
-    ab.pointer_action.move_to_location(x, y).click()
-    ab.perform()
-    _wait(drv, "return document.body.dataset.predictions", "1")
+    click(drv, *CENTER)
+    wait_for(drv, "return document.body.dataset.predictions", "1")
     cands = drv.find_elements("css selector", "#candidates span")
     assert len(cands) == 3 and all("IoU" in c.text for c in cands)
-    _keys(drv, "2")
+    keys(drv, "2")
     assert drv.execute_script("return window.segjax.state.chosen") == 1
     # a background point (right click) refines it, the chosen candidate's logits as the mask prompt
-    bx, by = _at(drv, 100, 20)
-    ab = _pointer(drv)
-    ab.pointer_action.move_to_location(bx, by).click(button=MouseButton.RIGHT)
-    ab.perform()
-    _wait(drv, "return document.body.dataset.predictions", "2")
+    click(drv, 100, 20, right=True)
+    wait_for(drv, "return document.body.dataset.predictions", "2")
     _idle(drv)
     assert drv.execute_script("return window.segjax.state.labels") == [1, 0]
-    _keys(drv, "\ue007")  # Enter: accept with the category field's value ("blob")
-    _wait(drv, "return document.querySelectorAll('#annotation-list li').length", 1)
+    keys(drv, "\ue007")  # Enter: accept with the category field's value ("blob")
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 1)
 
     # drag a box around the disc, accept
-    (x0, y0), (x1, y1) = _at(drv, 28, 18), _at(drv, 72, 62)
-    ab = _pointer(drv)
-    ab.pointer_action.move_to_location(x0, y0).pointer_down().move_to_location((x0 + x1) // 2, (y0 + y1) // 2) \
-        .move_to_location(x1, y1).pointer_up()
-    ab.perform()
-    _wait(drv, "return document.body.dataset.predictions", "3")
+    drag(drv, 28, 18, 72, 62)
+    wait_for(drv, "return document.body.dataset.predictions", "3")
     _idle(drv)
     box = drv.execute_script("return window.segjax.state.box")
     assert box is not None and drv.execute_script("return window.segjax.state.points.length") == 0
-    _keys(drv, "\ue007")
-    _wait(drv, "return document.querySelectorAll('#annotation-list li').length", 2)
+    keys(drv, "\ue007")
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 2)
     # undo (server side: the accept), redo, undo again
-    _keys(drv, "z", ctrl=True)
-    _wait(drv, "return document.querySelectorAll('#annotation-list li').length", 1)
-    _keys(drv, "z", ctrl=True, shift=True)
-    _wait(drv, "return document.querySelectorAll('#annotation-list li').length", 2)
-    _keys(drv, "z", ctrl=True)
-    _wait(drv, "return document.querySelectorAll('#annotation-list li').length", 1)
+    keys(drv, "z", ctrl=True)
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 1)
+    keys(drv, "z", ctrl=True, shift=True)
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 2)
+    keys(drv, "z", ctrl=True)
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 1)
     _idle(drv)
     assert len(json.loads(out.read_text())["annotations"]) == 1
 
@@ -188,18 +122,18 @@ def test_click_box_accept_undo_reload_export(workspace, start_server, browser, t
 
     # reload: resumes from the server (the accepted mask, the embedding from the cache)
     drv.refresh()
-    _wait(drv, "return document.body.dataset.opened", "a.png")
+    wait_for(drv, "return document.body.dataset.opened", "a.png")
     assert _n_annotations(drv) == 1
     assert "cache" in drv.find_element("id", "embed-status").text
 
     # propose, accept the first candidate (Y), reject the next (N), stop (Esc)
-    _keys(drv, "p")
-    _wait(drv, "return !!window.segjax.state.proposal", True)
-    _keys(drv, "y")
-    _wait(drv, "return document.querySelectorAll('#annotation-list li').length", 2)
-    _keys(drv, "n")
-    _keys(drv, "\ue00c")  # Esc
-    _wait(drv, "return !!window.segjax.state.proposal", False)
+    keys(drv, "p")
+    wait_for(drv, "return !!window.segjax.state.proposal", True)
+    keys(drv, "y")
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 2)
+    keys(drv, "n")
+    keys(drv, "\ue00c")  # Esc
+    wait_for(drv, "return !!window.segjax.state.proposal", False)
     data = json.loads(out.read_text())
     assert [a["segjax"]["source"] for a in data["annotations"]] == ["click", "propose"]
 

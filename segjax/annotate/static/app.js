@@ -2,7 +2,8 @@
 // Masks come as COCO RLE (column-major runs, starting with 0s): uncompressed counts
 // for predictions, compressed strings for stored annotations. Coordinates sent to the
 // server are original-image pixels. window.segjaxTimings holds, per prediction, the
-// milliseconds from sending the request to the overlay being drawn.
+// milliseconds from sending the request to the overlay being drawn, window.segjaxModelTimes
+// the server's own milliseconds for it (model + mask encoding).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +12,7 @@ const COLORS = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [14
                 [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40], [128, 0, 0]];
 const CURRENT = [255, 215, 0];
 window.segjaxTimings = [];
+window.segjaxModelTimes = [];
 
 const S = {
   images: [], categories: [], name: null, img: null, W: 0, H: 0, scale: 1,
@@ -229,6 +231,7 @@ function requestPrediction() {
     showCandidates(); draw();
     const ms = performance.now() - t0;
     window.segjaxTimings.push(ms);
+    window.segjaxModelTimes.push(1000 * r.seconds);
     $("predict-status").textContent = `mask in ${ms.toFixed(0)} ms (model ${(1000 * r.seconds).toFixed(0)} ms)`;
     document.body.dataset.predictions = String(window.segjaxTimings.length);
   }).catch((e) => say(e.message)).finally(() => {
