@@ -190,12 +190,12 @@ class SamPreprocess:
         boxes = np.zeros((m, 4), np.float32)
         for k, (_, full, low) in enumerate(chosen):
             masks[k] = low if g != s else np.pad(full, ((0, s - h), (0, s - w)))
-            boxes[k] = _tight_box(full)
+            boxes[k] = tight_box(full)
         return {"image": out_image, "image_hw": np.array([h, w], np.int32), "masks": masks, "boxes": boxes,
                 "valid": np.arange(m) < len(chosen), "index": np.asarray(example.get("index", -1), np.int32)}
 
 
-def _tight_box(mask: np.ndarray) -> np.ndarray:
+def tight_box(mask: np.ndarray) -> np.ndarray:
     """(h, w) bool -> (4,) float32 XYXY, x2 / y2 one past the last set column / row."""
     ys = np.flatnonzero(mask.any(axis=1))
     xs = np.flatnonzero(mask.any(axis=0))
