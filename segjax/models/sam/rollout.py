@@ -136,9 +136,10 @@ def _first_tokens(first: FirstPrompt, num_rounds: int) -> tuple[jax.Array, jax.A
 
 def _rollout(model, params, emb: jax.Array, first: FirstPrompt, next_point: Callable, keys: jax.Array,
              masks: jax.Array, valid: jax.Array, *, num_rounds: int, loss_kwargs: dict,
-             mask_prompt_gradient: bool, keep_outputs: bool):
+             mask_prompt_gradient: bool, keep_outputs: bool, heads: tuple[str, ...] = ("single", "multi")):
     """The rounds on precomputed embeddings. next_point(r, key, pred (B, M, G, G) bool)
-    -> (coords (B, M, 2), labels (B, M)); keys: (R-1,) keys for it.
+    -> (coords (B, M, 2), labels (B, M)); keys: (R-1,) keys for it. heads: round 0's
+    decoder heads to run ("single" for boxes, "multi" for points).
     Returns (loss sums dict, metrics dict, outputs dict or None)."""
     b, m, grid = masks.shape[0], masks.shape[1], masks.shape[-1]
     variables = {"params": params}
@@ -162,22 +163,30 @@ def _rollout(model, params, emb: jax.Array, first: FirstPrompt, next_point: Call
         iou = L.mask_iou(_at_grid(logits, grid), masks)
         return jnp.sum(jnp.where(valid, iou, 0.0)) / n_obj
 
-    # ---- round 0: both heads, each mask takes its own (3 masks for a lone point, 1 for a box)
+    # ---- round 0: each mask takes its head (3 masks for a lone point, 1 for a box); both
+    # heads run unless `heads` (static) says that every first prompt is of one kind
     coords, labels = _first_tokens(first, num_rounds)
-    multi_logits, multi_iou = predict(coords, labels, None, True)
-    single_logits, single_iou = predict(coords, labels, None, False)
-    lm, ls = losses(multi_logits, multi_iou), losses(single_logits, single_iou)
+    keys3 = ("loss_mask", "loss_dice", "loss_iou")
     is_box = first.is_box.reshape(b * m)
-    sums = {key: jnp.sum(jnp.where(is_box, getattr(ls, key), getattr(lm, key)))
-            for key in ("loss_mask", "loss_dice", "loss_iou")}
-    best = jnp.argmax(multi_iou, axis=-1)  # (B, M): the highest predicted IoU feeds round 1
-    multi_best = jnp.take_along_axis(multi_logits, best[:, :, None, None, None], axis=2)[:, :, 0]
-    prev = jnp.where(first.is_box[..., None, None], single_logits[:, :, 0], multi_best)  # (B, M, L, L)
+    per_obj, outputs, prev = {}, {}, None
+    if "single" in heads:
+        single_logits, single_iou = predict(coords, labels, None, False)
+        ls = losses(single_logits, single_iou)
+        per_obj = {key: getattr(ls, key) for key in keys3}
+        prev = single_logits[:, :, 0]
+        outputs.update(first_single_logits=single_logits[:, :, 0], first_single_iou=single_iou[:, :, 0])
+    if "multi" in heads:
+        multi_logits, multi_iou = predict(coords, labels, None, True)
+        lm = losses(multi_logits, multi_iou)
+        per_obj = {key: jnp.where(is_box, per_obj[key], getattr(lm, key)) if per_obj else getattr(lm, key)
+                   for key in keys3}
+        best = jnp.argmax(multi_iou, axis=-1)  # (B, M): the highest predicted IoU feeds round 1
+        multi_best = jnp.take_along_axis(multi_logits, best[:, :, None, None, None], axis=2)[:, :, 0]
+        prev = multi_best if prev is None else jnp.where(first.is_box[..., None, None], prev, multi_best)
+        outputs.update(first_multimask_logits=multi_logits, first_multimask_iou=multi_iou)
+    sums = {key: per_obj[key].sum() for key in keys3}  # prev: (B, M, L, L)
     metrics = {"iou_round1": actual_iou(prev)}
-    outputs = None
-    if keep_outputs:
-        outputs = dict(first_multimask_logits=multi_logits, first_multimask_iou=multi_iou,
-                       first_single_logits=single_logits[:, :, 0], first_single_iou=single_iou[:, :, 0])
+    outputs = outputs if keep_outputs else None
 
     if num_rounds > 1:
         def body(carry, xs):
@@ -273,9 +282,11 @@ def rollout_loss(model, params, batch: dict, rng: jax.Array, *, num_rounds: int 
     loss_kwargs = dict(weights=weights, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
                        supervise_all_iou=supervise_all_iou, iou_use_l1_loss=iou_use_l1_loss)
     keys = jax.random.split(k_rounds, max(num_rounds - 1, 1))[: num_rounds - 1]
+    # a box_prob of 0 or 1 (static) needs only one of round 0's heads
+    heads = ("multi",) if box_prob <= 0 else ("single",) if box_prob >= 1 else ("single", "multi")
     sums, metrics, _ = _rollout(model, params, emb, first, next_point, keys, masks, valid,
                                 num_rounds=num_rounds, loss_kwargs=loss_kwargs,
-                                mask_prompt_gradient=mask_prompt_gradient, keep_outputs=False)
+                                mask_prompt_gradient=mask_prompt_gradient, keep_outputs=False, heads=heads)
     loss = L.reduce_loss(sums, weights)
     metrics = dict(metrics, loss_focal=sums["loss_mask"], loss_dice=sums["loss_dice"],
                    loss_iou=sums["loss_iou"], num_masks=jnp.sum(valid.astype(jnp.float32)))
