@@ -26,10 +26,10 @@ import numpy as np
 from segjax.annotate.embedding_cache import CachingSamPredictor
 from segjax.annotate.images import ImageFolder
 from segjax.annotate.store import AnnotationStore
-from segjax.inference.sam import rle as sam_rle
 
 MAX_PREDICTIONS = 32
 MAX_SESSIONS = 32
+MAX_OPEN_IMAGES = 4
 
 
 class UnknownReference(KeyError):
@@ -37,21 +37,32 @@ class UnknownReference(KeyError):
 
 
 class Prediction:
-    """One prediction: M candidate masks (uncompressed RLE) with their IoU estimates."""
+    """One prediction: M candidate masks with their IoU estimates.
 
-    def __init__(self, image: str, rles: list[dict], scores: list[float], low_res: np.ndarray | None,
+    bits: (M, ceil(H * W / 8)) uint8, each mask row-major packed 8 pixels a byte
+    (`np.packbits`), what the page draws; size: (H, W).
+    """
+
+    def __init__(self, image: str, masks: np.ndarray, scores: list[float], low_res: np.ndarray | None,
                  prompt: dict, source: str):
-        self.image, self.rles, self.scores = image, rles, scores
-        self.low_res = low_res  # (M, lh, lw) float32 or None (proposals of a detector)
+        masks = np.asarray(masks, bool)
+        self.image, self.size, self.scores = image, tuple(masks.shape[1:]), scores
+        self.bits = np.packbits(masks.reshape(len(masks), -1), axis=1)
+        self.low_res = low_res  # (M, lh, lw) float32 or None (proposals)
         self.prompt, self.source = prompt, source
         self.id = uuid.uuid4().hex[:16]
 
+    def __len__(self) -> int:
+        return len(self.bits)
+
     def mask(self, index: int) -> np.ndarray:
-        return sam_rle.rle_to_mask(self.rles[self._check(index)])
+        """(H, W) bool of candidate `index`."""
+        h, w = self.size
+        return np.unpackbits(self.bits[self._check(index)], count=h * w).reshape(h, w).astype(bool)
 
     def _check(self, index: int) -> int:
-        if not 0 <= index < len(self.rles):
-            raise UnknownReference(f"prediction {self.id} has {len(self.rles)} candidates, not index {index}")
+        if not 0 <= index < len(self):
+            raise UnknownReference(f"prediction {self.id} has {len(self)} candidates, not index {index}")
         return index
 
 
@@ -67,15 +78,29 @@ class Segmenter:
             collections.OrderedDict()
         self._lock = threading.RLock()  # one model call at a time
         self._amg = None
+        self._by_name: collections.OrderedDict[str, tuple] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ embedding
     def embed(self, name: str):
-        """(SamImage, seconds, from_cache) of a listed image."""
+        """(SamImage, seconds, from_cache) of a listed image. The last images opened are
+        remembered by name (while their file's size and mtime stay), so a click does not
+        decode and hash the file again."""
+        st = os.stat(self.images.path(name))
+        tag = (st.st_size, st.st_mtime_ns)
+        t0 = time.perf_counter()
+        with self._lock:
+            known = self._by_name.get(name)
+            if known is not None and known[0] == tag:
+                self._by_name.move_to_end(name)
+                return known[1], time.perf_counter() - t0, True
         image = self.images.read(name)
         with self._lock:
             t0 = time.perf_counter()
             emb = self.predictor.embed_images([image])[0]
             emb.features.block_until_ready()
+            self._by_name[name] = (tag, emb)
+            while len(self._by_name) > MAX_OPEN_IMAGES:
+                self._by_name.popitem(last=False)
             return emb, time.perf_counter() - t0, self.predictor.last_hits == 1
 
     # ------------------------------------------------------------------ predictions
@@ -129,7 +154,7 @@ class Segmenter:
         order = np.argsort(-iou[0], kind="stable")  # best estimated IoU first
         prompt = {"points": [list(map(float, p)) for p in points], "labels": [int(v) for v in labels],
                   "box": None if box is None else [float(v) for v in box]}
-        pred = Prediction(name, sam_rle.masks_to_rle(masks[0][order]), [float(v) for v in iou[0][order]],
+        pred = Prediction(name, masks[0][order], [float(v) for v in iou[0][order]],
                           low[0][order], prompt, "click")
         return self._keep(session, pred)
 
@@ -143,7 +168,7 @@ class Segmenter:
                 out = self.detector(image)
                 masks = out["masks"][:, 0] > 0.5
                 keep = masks.reshape(len(masks), -1).any(-1)
-                rles = sam_rle.masks_to_rle(masks[keep])
+                cands = masks[keep]
                 scores = [float(s) for s in out["scores"][keep]]
                 labels = [int(v) for v in out["labels"][keep]]
                 prompts = [{"points": [], "labels": [], "box": [float(v) for v in b], "label": lab}
@@ -152,14 +177,15 @@ class Segmenter:
                 if self._amg is None:
                     from segjax.inference.sam.amg import SamAutomaticMaskGenerator
 
-                    self._amg = SamAutomaticMaskGenerator(self.predictor, output_mode="uncompressed_rle",
+                    self._amg = SamAutomaticMaskGenerator(self.predictor, output_mode="binary_mask",
                                                           **self.amg_kwargs)
                 records = sorted(self._amg.generate(image), key=lambda r: -r["predicted_iou"])
-                rles = [r["segmentation"] for r in records]
+                cands = np.stack([r["segmentation"] for r in records]) if records else \
+                    np.zeros((0, *image.shape[:2]), bool)
                 scores = [float(r["predicted_iou"]) for r in records]
                 prompts = [{"points": [list(map(float, r["point_coords"][0]))], "labels": [1], "box": None}
                            for r in records]
-        pred = Prediction(name, rles, scores, None, {"candidates": prompts}, "propose")
+        pred = Prediction(name, cands, scores, None, {"candidates": prompts}, "propose")
         return self._keep(session, pred)
 
     # ------------------------------------------------------------------ accepted masks

@@ -8,9 +8,11 @@ Endpoints (JSON unless stated; every error is a 4xx JSON {"detail": message}):
   POST /api/predict               {session, image, points [[x, y]], labels [1|0], box
                                   [x0, y0, x1, y1] | null, mask: {pred_id, index} |
                                   {annotation} | null, multimask} -> {pred_id,
-                                  candidates: [{index, score, rle: {size, counts}}],
-                                  seconds}; pixels of the original image, x in [0, W],
-                                  y in [0, H]
+                                  size [H, W], candidates: [{index, score, bits}],
+                                  seconds}, bits: base64 of the (H, W) mask packed
+                                  row-major 8 pixels a byte, first pixel in the high
+                                  bit; prompts in pixels of the original image, x in
+                                  [0, W], y in [0, H]
   POST /api/propose               {session, image} -> the same as predict
   GET  /api/annotations?image=N   that image's annotations
   POST /api/annotations           {session, image, pred_id, index, category} -> annotation
@@ -28,6 +30,8 @@ unexpected error is a 500 with its one-line message, never a traceback.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
 from importlib import resources
@@ -143,11 +147,14 @@ async def _send_json(send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _candidates(pred: Prediction, seconds: float) -> dict:
-    return {"pred_id": pred.id, "source": pred.source, "seconds": seconds,
-            "candidates": [{"index": i, "score": s, "rle": r, "prompt": (pred.prompt["candidates"][i]
-                                                                          if "candidates" in pred.prompt else None)}
-                           for i, (s, r) in enumerate(zip(pred.scores, pred.rles))]}
+def _candidates(pred: Prediction, seconds: float) -> Response:
+    """The prediction as JSON: each candidate's mask as base64 of its packed bits."""
+    cands = pred.prompt.get("candidates")
+    body = {"pred_id": pred.id, "source": pred.source, "seconds": seconds, "size": list(pred.size),
+            "candidates": [{"index": i, "score": s, "bits": base64.b64encode(b.tobytes()).decode("ascii"),
+                            "prompt": None if cands is None else cands[i]}
+                           for i, (s, b) in enumerate(zip(pred.scores, pred.bits))]}
+    return Response(json.dumps(body, allow_nan=False), media_type="application/json")
 
 
 def _check_inside(points, box, hw: tuple[int, int], name: str) -> None:

@@ -3,6 +3,7 @@ and the written JSON read by pycocotools and by the COCO-format dataset builder.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 
@@ -78,8 +79,6 @@ def test_kill_between_accepts_keeps_every_mask_and_resumes(workspace, start_serv
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
-    from segjax.inference.sam.rle import rle_to_mask
-
     out = tmp_path / "ann.json"
     server = start_server(workspace, out)
     s = "killer"
@@ -108,7 +107,8 @@ def test_kill_between_accepts_keeps_every_mask_and_resumes(workspace, start_serv
     coco = COCO(str(out))
     for a, (pred, index) in zip(accepted, [(p1, 0), (p2, 1)]):
         mask = coco.annToMask(coco.anns[a["id"]]).astype(bool)
-        np.testing.assert_array_equal(mask, rle_to_mask(pred["candidates"][index]["rle"]))
+        bits = np.frombuffer(base64.b64decode(pred["candidates"][index]["bits"]), np.uint8)
+        np.testing.assert_array_equal(mask, np.unpackbits(bits, count=96 * 128).reshape(96, 128).astype(bool))
         assert coco.anns[a["id"]]["area"] == mask.sum() > 0
         assert coco.anns[a["id"]]["bbox"] == list(mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask))))
     assert {c["name"]: c["id"] for c in data["categories"]} == {"blob": 1, "other": 2}

@@ -1,6 +1,6 @@
 // segjax annotate: the click-to-segment page (no build step, no dependencies).
-// Masks come as COCO RLE (column-major runs, starting with 0s): uncompressed counts
-// for predictions, compressed strings for stored annotations. Coordinates sent to the
+// Stored annotations come as COCO compressed RLE (column-major runs, starting with 0s),
+// predicted candidates as base64 of their packed bits (row-major). Coordinates sent to the
 // server are original-image pixels. window.segjaxTimings holds, per prediction, the
 // milliseconds from sending the request to the overlay being drawn, window.segjaxModelTimes
 // the server's own milliseconds for it (model + mask encoding).
@@ -51,9 +51,9 @@ function rleFromString(s) {  // pycocotools rleFrString
   }
   return counts;
 }
-function maskCanvas(rle, color) {  // (H, W) RLE -> an HxW canvas, color where the mask is set
+function maskCanvas(rle, color) {  // (H, W) COCO RLE -> an HxW canvas, color where the mask is set
   const [h, w] = rle.size;
-  const counts = typeof rle.counts === "string" ? rleFromString(rle.counts) : rle.counts;
+  const counts = rleFromString(rle.counts);
   const c = document.createElement("canvas"); c.width = w; c.height = h;
   const ctx = c.getContext("2d"); const im = ctx.createImageData(w, h);
   const px = new Uint32Array(im.data.buffer);
@@ -65,6 +65,20 @@ function maskCanvas(rle, color) {  // (H, W) RLE -> an HxW canvas, color where t
       for (let k = pos; k < pos + n; k++) { const x = (k / h) | 0, y = k - x * h; px[y * w + x] = v; }
     }
     pos += n;
+  }
+  ctx.putImageData(im, 0, 0);
+  return c;
+}
+function bitsCanvas(b64, h, w, color) {  // base64 of np.packbits(mask) -> an HxW canvas
+  const bytes = atob(b64);
+  const c = document.createElement("canvas"); c.width = w; c.height = h;
+  const ctx = c.getContext("2d"); const im = ctx.createImageData(w, h);
+  const px = new Uint32Array(im.data.buffer), n = w * h;
+  const v = (255 << 24) | (color[2] << 16) | (color[1] << 8) | color[0];
+  for (let i = 0; i < bytes.length; i++) {
+    const byte = bytes.charCodeAt(i);
+    if (byte === 0) continue;
+    for (let k = 0; k < 8; k++) if (byte & (128 >> k)) { const p = 8 * i + k; if (p < n) px[p] = v; }
   }
   ctx.putImageData(im, 0, 0);
   return c;
@@ -110,7 +124,7 @@ function currentMask() {
   if (S.proposal) { pred = S.proposal; index = S.proposal.pos; }
   if (!pred || !pred.candidates.length || index >= pred.candidates.length) return null;
   const cand = pred.candidates[index];
-  if (!cand.canvas) cand.canvas = maskCanvas(cand.rle, CURRENT);
+  if (!cand.canvas) cand.canvas = bitsCanvas(cand.bits, pred.size[0], pred.size[1], CURRENT);
   return cand.canvas;
 }
 function showCandidates() {
