@@ -57,7 +57,7 @@ import tensorflow_datasets as tfds
 from pycocotools import mask as mask_utils
 
 from segjax.data.decode import decode_image
-from segjax.data.tfds_builder import LocalBuilder, file_lock
+from segjax.data.tfds_builder import LocalBuilder, image_record_features, prepare_once
 
 FILE_FORMAT = "array_record"
 BUILDER_NAME = "coco_format"
@@ -99,21 +99,14 @@ class CocoFormat(LocalBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="A local COCO-format instance-segmentation dataset (segjax.data.coco).",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-                "image_id": tfds.features.Tensor(shape=(), dtype=np.int64),
-                "height": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "width": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "file_name": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "objects": tfds.features.FeaturesDict({
-                    "id": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-                    "bbox": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-                    "category_id": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-                    "label": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-                    "iscrowd": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
-                    "area": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-                    "rle": tfds.features.Tensor(shape=(None,), dtype=np.object_),
-                }),
+            features=image_record_features({
+                "id": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                "bbox": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+                "category_id": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                "label": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                "iscrowd": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+                "area": tfds.features.Tensor(shape=(None,), dtype=np.float32),
+                "rle": tfds.features.Tensor(shape=(None,), dtype=np.object_),
             }),
             metadata=tfds.core.MetadataDict(),
         )
@@ -518,16 +511,8 @@ def prepare_coco(data_dir: str | os.PathLike, name: str,
     data_dir = os.path.expanduser(os.fspath(data_dir))
     config = CocoFormatConfig(name=_check_name(name),
                               splits={s: (os.fspath(d), os.fspath(a)) for s, (d, a) in splits.items()})
-    builder = CocoFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    with file_lock(os.path.join(data_dir, f".coco_format_{name}.lock")):
-        builder = CocoFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
-        if not builder.is_prepared():
-            _log.info("Preparing coco_format/%s in %s", name, data_dir)
-            builder.download_and_prepare(file_format=FILE_FORMAT)
-    return builder
+    return prepare_once(lambda: CocoFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT), data_dir,
+                        f".coco_format_{name}.lock", f"coco_format/{name}", FILE_FORMAT)
 
 
 def _read_only_builder(data_dir: str | os.PathLike, name: str):

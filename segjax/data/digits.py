@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from segjax.data.tfds_builder import LocalBuilder, file_lock
+from segjax.data.tfds_builder import LocalBuilder, prepare_once
 
 NUM_CLASSES = 10
 NUM_TEST = 300
@@ -134,14 +134,5 @@ def prepare_digits(data_dir: str | os.PathLike) -> Digits:
       The builder, prepared, for `data_dir`.
     """
     data_dir = os.path.expanduser(os.fspath(data_dir))
-    builder = Digits(data_dir=data_dir, file_format=FILE_FORMAT)
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    with file_lock(os.path.join(data_dir, ".digits.lock")):
-        # Re-created under the lock: another process may have prepared it meanwhile.
-        builder = Digits(data_dir=data_dir, file_format=FILE_FORMAT)
-        if not builder.is_prepared():
-            _log.info("Preparing digits in %s", data_dir)
-            builder.download_and_prepare(file_format=FILE_FORMAT)
-    return builder
+    return prepare_once(lambda: Digits(data_dir=data_dir, file_format=FILE_FORMAT), data_dir, ".digits.lock",
+                        "digits", FILE_FORMAT)

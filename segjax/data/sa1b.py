@@ -52,7 +52,7 @@ from segjax.data import coco
 from segjax.data.coco import _skip as skip_record  # one logger-and-counter for every builder
 from segjax.data.coco import as_int
 from segjax.data.decode import decode_image
-from segjax.data.tfds_builder import LocalBuilder, file_lock
+from segjax.data.tfds_builder import LocalBuilder, image_record_features, prepare_once
 
 FILE_FORMAT = "array_record"
 BUILDER_NAME = "sa1b_format"
@@ -87,34 +87,20 @@ class Sa1bFormat(LocalBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="A local SA-1B-format mask dataset (segjax.data.sa1b).",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-                "image_id": tfds.features.Tensor(shape=(), dtype=np.int64),
-                "height": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "width": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "file_name": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "objects": tfds.features.FeaturesDict({
-                    "id": vector(np.int64),
-                    "bbox": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-                    "area": vector(np.float32),
-                    "rle": vector(np.object_),
-                    "predicted_iou": vector(np.float32),
-                    "stability_score": vector(np.float32),
-                }),
+            features=image_record_features({
+                "id": vector(np.int64),
+                "bbox": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+                "area": vector(np.float32),
+                "rle": vector(np.object_),
+                "predicted_iou": vector(np.float32),
+                "stability_score": vector(np.float32),
             }),
             metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # Local files only.
-        splits = dict(self.builder_config.splits)
-        if not splits:
-            raise ValueError(f"dataset {self.builder_config.name!r} has no splits to build: pass "
-                             "splits={split: folder or [folders]}")
-        for split, folders in splits.items():
-            for folder in folders:
-                if not os.path.isdir(folder):
-                    raise FileNotFoundError(f"split {split!r}: {folder} is not a folder")
+        splits = _checked_splits(self.builder_config)
         self.info.metadata.update({"sources": {s: [os.path.abspath(f) for f in fs] for s, fs in splits.items()},
                                    "counts": {}})
         return {split: self._generate_examples(split, folders) for split, folders in splits.items()}
@@ -142,6 +128,18 @@ class Sa1bFormat(LocalBuilder):
         _log.info("sa1b_format/%s %s: wrote %d images of %d JSON files, %d of %d masks; %s",
                   self.builder_config.name, split, counts["images_written"], counts["json_files"],
                   counts["annotations_written"], counts["annotations_in_json"], skipped or "nothing skipped")
+
+
+def _checked_splits(config: Sa1bFormatConfig) -> dict[str, tuple[str, ...]]:
+    """config.splits, after checking there is one and that every folder exists."""
+    if not config.splits:
+        raise ValueError(f"sa1b_format/{config.name} has no splits to build: pass splits="
+                         "{split: folder or [folders]} to prepare_sa1b")
+    for split, folders in config.splits.items():
+        for folder in folders:
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"split {split!r}: {folder} is not a folder")
+    return dict(config.splits)
 
 
 def image_record(json_path: str, counts: dict[str, int]) -> dict | None:
@@ -247,16 +245,8 @@ def prepare_sa1b(data_dir: str | os.PathLike, name: str,
     folders = {s: tuple(os.fspath(f) for f in ([v] if isinstance(v, (str, os.PathLike)) else v))
                for s, v in splits.items()}
     config = Sa1bFormatConfig(name=coco._check_name(name), splits=folders)
-    builder = Sa1bFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    with file_lock(os.path.join(data_dir, f".sa1b_format_{name}.lock")):
-        builder = Sa1bFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
-        if not builder.is_prepared():
-            _log.info("Preparing sa1b_format/%s in %s", name, data_dir)
-            builder.download_and_prepare(file_format=FILE_FORMAT)
-    return builder
+    return prepare_once(lambda: Sa1bFormat(config=config, data_dir=data_dir, file_format=FILE_FORMAT), data_dir,
+                        f".sa1b_format_{name}.lock", f"sa1b_format/{name}", FILE_FORMAT)
 
 
 def open_split(data_dir: str | os.PathLike, name: str, split: str) -> Sequence[dict]:

@@ -61,7 +61,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segjax.data import coco, sa1b, shapes
-from segjax.data.decode import DecodedSource, decode_image
+from segjax.data.decode import decode_image
+from segjax.data.maskrcnn import DetectionSource
 from segjax.data.pipeline import EvalLoader, Loader
 from segjax.data.source import resolve_data_dir
 from segjax.inference.sam.transforms import preprocess_shape, resize_image
@@ -200,43 +201,32 @@ def tight_box(mask: np.ndarray) -> np.ndarray:
     ys = np.flatnonzero(mask.any(axis=1))
     xs = np.flatnonzero(mask.any(axis=0))
     return np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], np.float32)
-class SamSource(DecodedSource):
+class SamSource(DetectionSource):
     """Random-access records with the image decoded and `index` added; unusable ones substituted.
 
     `source[i]` returns record i (its `index` the raw position j actually read) with
-    `image` decoded to (H, W, C) uint8. A record whose image does not decode or
-    disagrees with its stored size, or that has no mask `preprocess` would keep
-    (`SamPreprocess.usable`), is replaced by the next good one, i+1, i+2, ... (mod N):
-    the same on every host and rerun. Each kind is counted once per index.
+    `image` decoded to (H, W, C) uint8. A record that has no mask `preprocess` would
+    keep (`SamPreprocess.usable`), or whose image does not decode or disagrees with
+    its stored size (`DetectionSource`), is replaced by the next good one, i+1, i+2,
+    ... (mod N): the same on every host and rerun. Each kind is counted once per index.
 
     Attributes:
       num_corrupt, corrupt_indices, num_without_masks: distinct indices substituted so far.
     """
 
     def __init__(self, source: Sequence[dict], preprocess: SamPreprocess):
-        super().__init__(source, image_key="image")
+        super().__init__(source)
         self._preprocess = preprocess
-        self._no_masks: set[int] = set()
 
-    @property
-    def num_without_masks(self) -> int:
-        with self._lock:
-            return len(self._no_masks)
+    # A SAM training target is a usable mask: DetectionSource's count of records without one.
+    num_without_masks = DetectionSource.num_without_target
 
     def _load(self, j: int, record: dict) -> dict | None:
         if not self._preprocess.usable(record):
-            self._note(self._no_masks, j, "has no usable mask (none left after the area filters and resizing)")
+            self._note(self._no_target, j, "has no usable mask (none left after the area filters and resizing)")
             return None
-        encoded = record["image"]  # a missing key is a broken setup, not a bad file: it propagates
-        try:
-            image = decode_image(encoded, rgb=True)
-        except Exception as e:  # noqa: BLE001 - image decoders raise all sorts on bad bytes.
-            self._note(self._corrupt, j, f"failed to decode ({type(e).__name__}: {e})")
-            return None
-        if image.shape[:2] != (int(record["height"]), int(record["width"])):
-            self._note(self._corrupt, j, f"decodes to {image.shape[:2]}, not its stored size")
-            return None
-        return {**record, "image": image, "index": j}
+        out = super()._load(j, record)
+        return None if out is None else {**out, "index": j}
 
 
 def _split_paths(d, root: str) -> dict:
@@ -246,7 +236,7 @@ def _split_paths(d, root: str) -> dict:
     return {k: fill(v) for k, v in dict(d.get("splits", {}) or {}).items()}
 
 
-# kind -> (prepare(data_dir, name, splits) or None, open_split(data_dir, name, split)).
+# kind -> open_split(data_dir, name, split) of its records.
 _OPENERS: dict[str, Callable] = {"shapes": coco.open_split, "coco": coco.open_split, "sa1b": sa1b.open_split}
 
 

@@ -1,14 +1,19 @@
-"""What the tfds dataset builders that segjax defines (digits, coco_format) share."""
+"""What the tfds dataset builders that segjax defines (digits, coco_format, sa1b_format) share."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import inspect
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+_log = logging.getLogger(__name__)
 
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder):
@@ -36,3 +41,39 @@ def file_lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder], data_dir: str, lock_name: str,
+                 what: str, file_format: str = "array_record") -> tfds.core.DatasetBuilder:
+    """Prepares `make_builder()` unless it already is; returns the prepared builder.
+
+    Cheap when prepared (one directory check). Concurrent callers serialise on the lock
+    file `data_dir/lock_name`; the first writes (tfds builds into a temporary directory
+    and renames it, so a reader never sees a partial dataset) and the others find it
+    prepared. `what` names the dataset in the log.
+    """
+    builder = make_builder()
+    if builder.is_prepared():
+        return builder
+    os.makedirs(data_dir, exist_ok=True)
+    with file_lock(os.path.join(data_dir, lock_name)):
+        # Re-created under the lock: another process may have prepared it meanwhile.
+        builder = make_builder()
+        if not builder.is_prepared():
+            _log.info("Preparing %s in %s", what, data_dir)
+            builder.download_and_prepare(file_format=file_format)
+    return builder
+
+
+def image_record_features(objects: Mapping[str, tfds.features.FeatureConnector]) -> tfds.features.FeaturesDict:
+    """One image per record, as segjax's instance datasets (coco_format, sa1b_format) store it:
+    image (the file's bytes, decoded by the pipeline), image_id () int64, height () int32,
+    width () int32, file_name () bytes, and the dataset's `objects` features."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+        "image_id": tfds.features.Tensor(shape=(), dtype=np.int64),
+        "height": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "width": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "file_name": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "objects": tfds.features.FeaturesDict(dict(objects)),
+    })
