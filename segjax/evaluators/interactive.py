@@ -83,19 +83,28 @@ def next_click(gt: np.ndarray, pred: np.ndarray, not_clicked: np.ndarray | None 
       The click, or None when no error pixel is left to click.
     """
     gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
-    dts = []
-    for region in (gt & ~pred, pred & ~gt):  # false negatives, false positives
-        dt = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    best = []  # (max distance, y, x) of the false negatives, then of the false positives
+    for region in (gt & ~pred, pred & ~gt):
+        rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+        if not len(rows):
+            best.append((0.0, 0, 0))
+            continue
+        # The distance transform of the region's bounding box, zero padded by one pixel,
+        # equals the whole padded image's there: the ring around the box is background,
+        # and the nearest background pixel of any pixel inside is never beyond it.
+        y0, x0 = rows[0], cols[0]
+        box = (slice(y0, rows[-1] + 1), slice(x0, cols[-1] + 1))
+        dt = distance_transform_edt(np.pad(region[box], 1))[1:-1, 1:-1]
         if not_clicked is not None:
-            dt = dt * not_clicked
-        dts.append(dt)
-    fn_max, fp_max = dts[0].max(), dts[1].max()
+            dt = dt * not_clicked[box]
+        y, x = np.unravel_index(np.argmax(dt), dt.shape)  # the first maximum in row-major order
+        best.append((float(dt[y, x]), int(y0 + y), int(x0 + x)))
+    (fn_max, *fn_at), (fp_max, *fp_at) = best
     if max(fn_max, fp_max) <= 0:
         return None
-    positive = bool(fn_max > fp_max)
-    dt = dts[0] if positive else dts[1]
-    y, x = np.argwhere(dt == dt.max())[0]
-    return Click(int(y), int(x), positive)
+    positive = fn_max > fp_max
+    y, x = fn_at if positive else fp_at
+    return Click(y, x, positive)
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -177,8 +186,8 @@ class SamDecoder:
     """`Decode` for a SAM model: embeds an image once (`set_image`), then decodes prompts.
 
     Jitted: the encoder per image batch shape, the decoder + upscaling per (P, T,
-    multimask), P padded to the predictor's prompt buckets; upscaled logits at S x S
-    are cropped to (h, w) before they leave the device.
+    multimask), P padded to the predictor's prompt buckets; the S x S masks are cropped
+    to (h, w) on the host (no program per image size).
     """
 
     def __init__(self, model, params):
@@ -219,7 +228,7 @@ class SamDecoder:
                                        jnp.asarray(labels, jnp.int32), jnp.asarray(mask_input, jnp.float32),
                                        jnp.asarray(has_mask), multimask=bool(multimask))
         h, w = self.hw
-        return np.asarray(masks[:n, ..., :h, :w]), np.asarray(low[:n]), np.asarray(iou[:n])
+        return np.asarray(masks)[:n, ..., :h, :w], np.asarray(low)[:n], np.asarray(iou)[:n]
 
 
 def summarize(ious: np.ndarray, box_ious: np.ndarray, *, max_clicks: int = 20,

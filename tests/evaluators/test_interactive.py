@@ -176,3 +176,26 @@ def test_evaluate_interactive_tiny_sam():
     assert all(np.isfinite(v) for v in metrics.values()) and metrics["num_masks"] == 2
     assert 0 <= metrics["miou@1"] <= 1 and 1 <= metrics["noc@90"] <= 3
     assert len(pictures) == 1 and pictures[0].ndim == 3
+
+
+def _next_click_whole_image(gt, pred, not_clicked):
+    """RITM's clicker as written: distance transforms of the whole padded image."""
+    from scipy.ndimage import distance_transform_edt
+
+    dts = [distance_transform_edt(np.pad(r, 1))[1:-1, 1:-1] * not_clicked for r in (gt & ~pred, pred & ~gt)]
+    fn_max, fp_max = dts[0].max(), dts[1].max()
+    if max(fn_max, fp_max) == 0:
+        return None
+    dt = dts[0] if fn_max > fp_max else dts[1]
+    y, x = np.argwhere(dt == dt.max())[0]
+    return Click(int(y), int(x), bool(fn_max > fp_max))
+
+
+def test_next_click_on_the_region_box_equals_the_whole_image():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = rng.integers(3, 24, 2)
+        gt = rng.random((h, w)) < rng.uniform(0.1, 0.9)
+        pred = rng.random((h, w)) < rng.uniform(0.1, 0.9)
+        not_clicked = rng.random((h, w)) > 0.1
+        assert next_click(gt, pred, not_clicked) == _next_click_whole_image(gt, pred, not_clicked)
