@@ -46,6 +46,31 @@ def _sam_benchmark_image(scale: float):
     return mod._image(scale)
 
 
+def _screenshot(drv, path: str, w: int, h: int, n: int) -> None:
+    """Accepts a mask of the cup, starts another (a click and a box on the saucer) and
+    saves the page."""
+    from PIL import Image
+
+    from segjax.testing.annotate_page import click, drag, keys, wait_for
+
+    click(drv, 0.5 * w, 0.45 * h)
+    wait_for(drv, "return document.body.dataset.predictions", str(n + 1), timeout=600)
+    wait_for(drv, "return window.segjax.state.inflight", False, timeout=600)
+    keys(drv, "\ue007")  # Enter: accept
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 1, timeout=600)
+    drag(drv, 0.2 * w, 0.55 * h, 0.8 * w, 0.95 * h)
+    wait_for(drv, "return document.body.dataset.predictions", str(n + 2), timeout=600)
+    click(drv, 0.3 * w, 0.8 * h)
+    wait_for(drv, "return document.body.dataset.predictions", str(n + 3), timeout=600)
+    wait_for(drv, "return window.segjax.state.inflight", False, timeout=600)
+    raw = path + ".raw.png"
+    drv.save_screenshot(raw)
+    im = Image.open(raw).convert("RGB")
+    im = im.resize((1000, round(im.height * 1000 / im.width)), Image.LANCZOS)
+    im.quantize(64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    os.unlink(raw)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=10)
@@ -53,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--checkpoint", default=None, help="an existing segjax SAM checkpoint (default: convert one)")
     p.add_argument("--window", default="1600x1000", help="browser window WxH")
+    p.add_argument("--screenshot", default=None,
+                   help="after the timing: accept a mask, click again and save the page as this PNG "
+                        "(1000 px wide, 64 colours: the README's picture)")
     args = p.parse_args(argv)
 
     from PIL import Image
@@ -97,6 +125,8 @@ def main(argv=None) -> int:
             times = drv.execute_script("return window.segjaxTimings")
             model = drv.execute_script("return window.segjaxModelTimes")
             scale = drv.execute_script("return window.segjax.state.scale")
+            if args.screenshot:
+                _screenshot(drv, args.screenshot, w, h, n)
         finally:
             drv.quit()
             server.kill()

@@ -93,17 +93,29 @@ function fit() {
   cv.width = Math.max(1, Math.round(S.W * S.scale)); cv.height = Math.max(1, Math.round(S.H * S.scale));
   draw();
 }
-function draw() {
-  const cv = $("canvas"), ctx = cv.getContext("2d");
-  if (!S.img) return;
+function baseLayer(w, h) {  // the image and the accepted masks at display size, redrawn only when they change
+  const key = () => [S.name, w, h, S.opacity, S.editing, S.annotations.map((a) => a.id).join(","),
+                     S.maskCache.size].join("|");  // the mask cache is emptied when a mask changes
+  if (S.base && S.baseKey === key() && S.baseImg === S.img) return S.base;
+  const c = S.base || document.createElement("canvas"); c.width = w; c.height = h;
+  const ctx = c.getContext("2d");
   ctx.imageSmoothingEnabled = false;
-  ctx.globalAlpha = 1; ctx.drawImage(S.img, 0, 0, cv.width, cv.height);
+  ctx.globalAlpha = 1; ctx.drawImage(S.img, 0, 0, w, h);
   ctx.globalAlpha = S.opacity;
   for (const a of S.annotations) {
     if (a.id === S.editing) continue;
     if (!S.maskCache.has(a.id)) S.maskCache.set(a.id, maskCanvas(a.segmentation, colorOf(a.id)));
-    ctx.drawImage(S.maskCache.get(a.id), 0, 0, cv.width, cv.height);
+    ctx.drawImage(S.maskCache.get(a.id), 0, 0, w, h);
   }
+  S.base = c; S.baseImg = S.img; S.baseKey = key();
+  return c;
+}
+function draw() {
+  const cv = $("canvas"), ctx = cv.getContext("2d");
+  if (!S.img) return;
+  ctx.imageSmoothingEnabled = false;
+  ctx.globalAlpha = 1; ctx.drawImage(baseLayer(cv.width, cv.height), 0, 0);
+  ctx.globalAlpha = S.opacity;
   const cur = currentMask();
   if (cur) ctx.drawImage(cur, 0, 0, cv.width, cv.height);
   ctx.globalAlpha = 1;
