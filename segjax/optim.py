@@ -97,6 +97,16 @@ def vit_layer_id(path: str, depth: int) -> int:
     return depth + 1
 
 
+def vit_depth(params: PyTree, scope: str = "") -> int:
+    """Number of ViT blocks (`blocks_{i}`) directly under `scope` (e.g. ViTDet's
+    'backbone/net/'); raises when there are none."""
+    ids = [int(m.group(1)) for p in flatten_paths(params)
+           if p.startswith(scope) and (m := re.match(r"blocks_(\d+)/", p[len(scope):]))]
+    if not ids:
+        raise ValueError(f"layer_decay needs ViT blocks: no 'blocks_<i>/' parameters under scope {scope!r}")
+    return max(ids) + 1
+
+
 def layer_decay_scales(params: PyTree, decay: float, depth: int, scope: str = "") -> PyTree:
     """Per-parameter lr multipliers decay ** (depth + 1 - layer_id).
 
@@ -160,10 +170,10 @@ def make_optimizer(cfg, params: PyTree, global_batch: int, total_steps: int,
         chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     chain += core
     if cfg.get("layer_decay") is not None:
-        if depth is None:
-            raise ValueError("layer_decay needs the model depth")
-        chain.append(scale_by_tree(layer_decay_scales(params, float(cfg.layer_decay), depth,
-                                                      cfg.get("layer_decay_scope", ""))))
+        scope = cfg.get("layer_decay_scope", "")
+        if depth is None:  # a model without a `depth` (Mask R-CNN's ViTDet): count the blocks
+            depth = vit_depth(params, scope)
+        chain.append(scale_by_tree(layer_decay_scales(params, float(cfg.layer_decay), depth, scope)))
     chain.append(optax.scale_by_learning_rate(schedule))
     tx = optax.chain(*chain)
     frozen = list(cfg.get("frozen", ()))

@@ -102,3 +102,24 @@ def test_layer_decay_scope_leaves_other_params_at_full_lr():
     assert s["image_encoder"]["blocks_0"]["kernel"] == 0.5
     assert s["image_encoder"]["neck_0"]["kernel"] == 1.0
     assert s["mask_decoder"]["kernel"] == 1.0
+
+
+def test_layer_decay_depth_counted_under_the_scope_for_vitdet():
+    """Mask R-CNN's ViTDet has no `depth`: the blocks under layer_decay_scope give it;
+    detectron2's get_vit_lr_decay_rate: pos/patch embed 0, blocks_i i + 1, the rest
+    (pyramid, heads) depth + 1, i.e. lr x1."""
+    z = jnp.zeros((2, 2))
+    params = {"backbone": {"net": {"pos_embed": z, "patch_embed": {"proj": {"kernel": z}},
+                                   **{f"blocks_{i}": {"attn": {"qkv": {"kernel": z}}} for i in range(3)}},
+                           "simfp_2": {"conv1x1": {"kernel": z}}}, "rpn": {"conv": {"kernel": z}}}
+    assert optim.vit_depth(params, "backbone/net/") == 3
+    s = optim.layer_decay_scales(params, 0.5, 3, "backbone/net/")
+    assert s["backbone"]["net"]["pos_embed"] == 0.5 ** 4
+    assert s["backbone"]["net"]["blocks_0"]["attn"]["qkv"]["kernel"] == 0.5 ** 3
+    assert s["backbone"]["net"]["blocks_2"]["attn"]["qkv"]["kernel"] == 0.5
+    assert s["backbone"]["simfp_2"]["conv1x1"]["kernel"] == 1.0 and s["rpn"]["conv"]["kernel"] == 1.0
+    cfg = ml_collections.ConfigDict({"name": "adamw", "lr": 1.0, "layer_decay": 0.5,
+                                     "layer_decay_scope": "backbone/net/"})
+    optim.make_optimizer(cfg, params, 8, 10)  # depth from the tree
+    with pytest.raises(ValueError, match="no 'blocks_<i>/' parameters under scope 'backbone/vit/'"):
+        optim.make_optimizer(ml_collections.ConfigDict(dict(cfg, layer_decay_scope="backbone/vit/")), params, 8, 10)

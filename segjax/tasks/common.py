@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import data, models
+from segjax.data import shapes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,10 +38,21 @@ def _preprocess(config, train: bool) -> data.ImagePreprocess:
                                 hflip=bool(d.get("hflip", False)) and train)
 
 
+def _source(config, split: str):
+    """Split `split` of tfds dataset `config.data.name`; with data.kind 'shapes', the
+    generated shapes images (`config.data.shapes`, a ShapesSpec; prepared on first use)
+    as an unlabeled image dataset (MAE pretraining on the detection data)."""
+    d = config.data
+    if d.get("kind") == "shapes":
+        data_dir = data.resolve_data_dir(d.get("data_dir") or None)
+        name = shapes.prepare_shapes(data_dir, shapes.ShapesSpec(**dict(d.get("shapes", {}))))
+        return data.make_source(f"coco_format/{name}", split, data_dir)
+    return data.make_source(d.name, split, d.get("data_dir") or None)
+
+
 def make_loader(config, split: str, process_index: int, process_count: int, train: bool = True):
     """The task's training stream: batch `step` is a pure function of (seed, step)."""
-    d = config.data
-    return data.Loader(data.make_source(d.name, split, d.get("data_dir") or None), _preprocess(config, train),
+    return data.Loader(_source(config, split), _preprocess(config, train),
                        global_batch_size=config.batch_size, seed=config.seed,
                        process_index=process_index, process_count=process_count)
 
@@ -48,8 +60,7 @@ def make_loader(config, split: str, process_index: int, process_count: int, trai
 def eval_batches(config, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-size, padded eval batches for this process, with 'valid' and the split
     'index' of every row."""
-    d = config.data
-    yield from data.EvalLoader(data.make_source(d.name, split, d.get("data_dir") or None),
+    yield from data.EvalLoader(_source(config, split),
                                _preprocess(config, False), global_batch_size=batch_size,
                                process_index=jax.process_index(), process_count=jax.process_count())
 
