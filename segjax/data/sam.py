@@ -125,21 +125,13 @@ class SamPreprocess:
         the padded frame), or None when it is empty at the output resolution."""
         h0, w0 = int(record["height"]), int(record["width"])
         h, w = preprocess_shape(h0, w0, self.img_size)
-        mask = mask_utils.decode({"size": [h0, w0], "counts": bytes(record["objects"]["rle"][i])})
-        if (h, w) != (h0, w0):
-            # The image's filter (transforms.resize_image: PIL bilinear on uint8) on 0 / 255.
-            mask = np.asarray(Image.fromarray(mask * np.uint8(255), mode="L").resize((w, h), Image.BILINEAR)) >= 128
-        else:
-            mask = mask.astype(bool)
+        mask = resize_mask(mask_utils.decode({"size": [h0, w0], "counts": bytes(record["objects"]["rle"][i])}), (h, w))
         if flip:
             mask = mask[:, ::-1]
         s, g = self.img_size, self.out_size
         if g == s:
             return (mask, mask) if mask.any() else None
-        f = s // g
-        padded = np.zeros((s, s), np.float32)
-        padded[:h, :w] = mask
-        low = padded.reshape(g, f, g, f).mean(axis=(1, 3)) >= 0.5  # (G, G) block means
+        low = block_mask(mask, s // g, g)
         return (mask, low) if low.any() else None
 
     def usable(self, record: dict) -> bool:
@@ -194,6 +186,58 @@ class SamPreprocess:
             boxes[k] = tight_box(full)
         return {"image": out_image, "image_hw": np.array([h, w], np.int32), "masks": masks, "boxes": boxes,
                 "valid": np.arange(m) < len(chosen), "index": np.asarray(example.get("index", -1), np.int32)}
+
+
+def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) 0/1 mask -> (h, w) bool: the image's filter (PIL bilinear, as
+    `transforms.resize_image`) on the mask as a 0 / 255 "L" image, kept where >= 128.
+
+    Applied as two one-axis PIL resizes, horizontal then vertical with a uint8
+    intermediate (the passes of Pillow's C resampler, each with the whole image's
+    coefficients), and only over the rows (first pass) and columns (second pass) that
+    hold mask pixels: an all-zero input row or column gives an all-zero output, so the
+    cost follows the mask's extent, not the image's.
+    NOTE: Pillow's own one-call resize agrees except at rare pixels whose value lands
+    on 127 / 128 when it rounds its intermediate after the other pass first (Pillow 13
+    picks the pass order itself); tests/data/test_sam_data.py checks both.
+    """
+    mask = np.asarray(mask)
+    big_h, big_w = mask.shape
+    h, w = hw
+    out = np.zeros((h, w), bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return out
+    r0, r1 = rows[0], rows[-1] + 1
+    band = mask[r0:r1].astype(np.uint8) * np.uint8(255)  # (rows, W)
+    if w != big_w:  # the horizontal pass alone: same height, so PIL skips the vertical one
+        band = np.asarray(Image.fromarray(band, mode="L").resize((w, r1 - r0), Image.BILINEAR))
+    cols = np.flatnonzero(band.any(axis=0))
+    if not len(cols):
+        return out
+    c0, c1 = cols[0], cols[-1] + 1
+    column = np.zeros((big_h, c1 - c0), np.uint8)
+    column[r0:r1] = band[:, c0:c1]
+    if h != big_h:  # the vertical pass alone
+        column = np.asarray(Image.fromarray(column, mode="L").resize((c1 - c0, h), Image.BILINEAR))
+    out[:, c0:c1] = column >= 128
+    return out
+
+
+def block_mask(mask: np.ndarray, f: int, g: int) -> np.ndarray:
+    """(h, w) bool with h, w <= g * f -> (g, g) bool: the mask zero padded to (g f, g f),
+    then the mean of each f x f block >= 0.5 (summed only over the blocks the mask touches)."""
+    low = np.zeros((g, g), bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return low
+    b0, b1 = rows[0] // f, rows[-1] // f + 1  # block rows / columns touched
+    c0, c1 = cols[0] // f, cols[-1] // f + 1
+    window = np.zeros(((b1 - b0) * f, (c1 - c0) * f), np.int32)
+    part = mask[b0 * f:b1 * f, c0 * f:c1 * f]
+    window[:part.shape[0], :part.shape[1]] = part
+    low[b0:b1, c0:c1] = window.reshape(b1 - b0, f, c1 - c0, f).sum(axis=(1, 3)) * 2 >= f * f
+    return low
 
 
 def tight_box(mask: np.ndarray) -> np.ndarray:

@@ -5,10 +5,11 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segjax.data import sam
-from segjax.data.sam import SamPreprocess, SamSource
+from segjax.data.sam import SamPreprocess, SamSource, block_mask, resize_mask
 from segjax.inference.sam.transforms import preprocess_shape, resize_image
 from segjax.testing.sa1b_fixture import write_sa1b
 
@@ -55,6 +56,35 @@ def test_masks_follow_the_image_geometry():
     np.testing.assert_array_equal(low["masks"][0], blocks)
     np.testing.assert_array_equal(low["boxes"], full["boxes"])
     assert low["masks"].shape == (2, g, g) and low["index"] == 3
+
+
+def test_resize_mask_is_pils_resize_and_blocks_are_block_means():
+    rng = np.random.default_rng(0)
+    disagree = total = 0
+    for _ in range(60):
+        big_h, big_w = rng.integers(5, 120, 2)
+        h, w = preprocess_shape(big_h, big_w, int(rng.choice([16, 64, 100, 160])))
+        kind = rng.integers(3)
+        if kind == 0:  # noise
+            mask = rng.random((big_h, big_w)) < 0.3
+        elif kind == 1:  # a small blob somewhere
+            y, x = rng.integers(0, big_h), rng.integers(0, big_w)
+            mask = _rect(big_h, big_w, y, y + rng.integers(1, 9), x, x + rng.integers(1, 9))
+        else:
+            mask = np.zeros((big_h, big_w), bool)
+        image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+        two_pass = np.asarray(image.resize((w, big_h), Image.BILINEAR).resize((w, h), Image.BILINEAR))
+        np.testing.assert_array_equal(resize_mask(mask, (h, w)), two_pass >= 128)
+        pil = np.asarray(image.resize((w, h), Image.BILINEAR))
+        disagree += ((pil >= 128) != (two_pass >= 128)).sum()
+        total += pil.size
+        s = max(h, w) + int(rng.integers(0, 3)) * 16
+        s += (-s) % 4
+        dense = np.zeros((s, s))
+        dense[:h, :w] = pil >= 128
+        g = s // 4
+        np.testing.assert_array_equal(block_mask(pil >= 128, 4, g), dense.reshape(g, 4, g, 4).mean((1, 3)) >= 0.5)
+    assert disagree <= 1e-3 * total  # Pillow's one-call resize: the same but for rare 127 / 128 pixels
 
 
 def test_mask_filters():
