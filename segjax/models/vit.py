@@ -523,3 +523,40 @@ class WindowedBlock(nn.Module):
         if use_dp:
             y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
         return x + y
+
+
+def windowed_vit_trunk(module: nn.Module, x: jax.Array, train: bool, *, patch_size: int, embed_dim: int,
+                       depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, window_size: int,
+                       global_attn_indexes: tuple[int, ...], pos_grid: int, rel_pos_grid: int, ln_eps: float,
+                       mlp_names: tuple[str, str], dtype: Dtype, drop_path_rate: float = 0.0,
+                       remat: bool = False, pos_init: Callable = nn.initializers.zeros) -> jax.Array:
+    """The ViTDet / SAM image-encoder trunk, created inside `module` (call it from its
+    compact method): `patch_embed`, `pos_embed` (1, G, G, D), `blocks_{i}`.
+
+    images (B, S, S, 3) normalised -> (B, S/P, S/P, D) float32 (residual stream in float32,
+    bf16 compute only inside the matmuls). pos_grid G: the pretraining token grid (the
+    table is resized bicubically to the input grid); rel_pos_grid: the token grid the
+    global blocks' rel-pos tables are sized for (2 * rel_pos_grid - 1 rows). Blocks in
+    `global_attn_indexes` attend globally, the others within `window_size` windows; drop
+    path rises linearly from 0 to `drop_path_rate` in the last block (active with `train`
+    and a 'dropout' rng); `remat` recomputes each block in the backward pass.
+    """
+    b, s_h, s_w, _ = x.shape
+    p, d = patch_size, embed_dim
+    if s_h % p or s_w % p:
+        raise ValueError(f"input {s_h}x{s_w} is not divisible by the patch size {p}")
+    h, w = s_h // p, s_w // p
+    x = PatchEmbed(p, d, dtype, name="patch_embed")(x)  # (B, H*W, D)
+    # NOTE: residual stream in float32 (bf16 compute only inside the matmuls).
+    x = x.reshape(b, h, w, d).astype(jnp.float32)
+    pos = module.param("pos_embed", _logical(pos_init, (None, None, None, "embed")), (1, pos_grid, pos_grid, d))
+    x = x + resize_pos_embed_2d(pos, (h, w))
+    # `train` (argument 2 counting the module) is static under remat
+    block = nn.remat(WindowedBlock, static_argnums=(2,)) if remat else WindowedBlock
+    for i in range(depth):
+        x = block(num_heads, input_size=rel_pos_grid,
+                  window_size=0 if i in global_attn_indexes else window_size,
+                  mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ln_eps=ln_eps, mlp_names=mlp_names,
+                  dtype=dtype, drop_path_rate=drop_path_rate * i / max(depth - 1, 1),
+                  name=f"blocks_{i}")(x, train)
+    return x

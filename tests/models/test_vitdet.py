@@ -123,3 +123,156 @@ def test_features_rpn_and_heads_match_torch(twin):
     assert np.abs(np.asarray(o)).max() > 0.1 and np.asarray(cls).std() > 0.1  # not degenerate
     for k, v in errs.items():
         assert v <= REL_TOL, k
+
+
+def test_registry_variants():
+    from segjax.models.maskrcnn.vitdet import ViTDetBackbone
+
+    spec = {"b": (768, 12, 12, (2, 5, 8, 11), 0.1), "l": (1024, 24, 16, (5, 11, 17, 23), 0.4),
+            "h": (1280, 32, 16, (7, 15, 23, 31), 0.5)}
+    for name, (d, depth, heads, glob, dp) in spec.items():
+        m = models.build(f"maskrcnn_vitdet_{name}")
+        assert isinstance(m, MaskRCNN) and m.backbone_type == "vitdet"
+        assert (m.vit_embed_dim, m.vit_depth, m.vit_num_heads, m.vit_global_attn_indexes,
+                m.vit_drop_path_rate) == (d, depth, heads, glob, dp)
+        assert (m.vit_window_size, m.vit_patch_size, m.vit_img_size, m.vit_pretrain_img_size) == (14, 16, 1024, 224)
+        assert m.head_norm_type == "ln" and m.rpn_conv_depth == 2 and m.box_convs == (256,) * 4
+    # ViT-B at 1024: parameter count of the backbone (detectron2's ViT-B + simple FPN)
+    b = models.build("maskrcnn_vitdet_b")
+    x = jnp.zeros((1, 1024, 1024, 3))
+    shapes = jax.eval_shape(lambda: ViTDetBackbone(drop_path_rate=0.0).init(jax.random.key(0), x))
+    n = sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes))
+    assert 85e6 < n < 115e6, n
+    assert b.fpn_channels == 256
+    with pytest.raises(ValueError, match="backbone_type"):
+        models.build("maskrcnn_vitdet_tiny", backbone_type="vit").init(
+            jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.full((1, 2), 64, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+SIZE, BATCH = 64, 8
+
+
+def _config():
+    from configs.maskrcnn import shapes as shapes_config
+
+    c = shapes_config.get_config("runlocal")
+    c.unlock()
+    c.model.name = "maskrcnn_vitdet_tiny"
+    c.model.kwargs = {"num_classes": 4, "min_size": SIZE, "max_size": SIZE}
+    c.data.min_size, c.data.max_size, c.data.pad_size, c.data.max_instances = SIZE, SIZE, (SIZE, SIZE), 3
+    c.batch_size = BATCH
+    c.optim.warmup_steps = 0
+    c.optim.lr = 1e-3
+    c.optim.frozen = ()
+    return c
+
+
+def _batches(n):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        masks = np.zeros((BATCH, 3, SIZE, SIZE), np.uint8)
+        boxes = np.zeros((BATCH, 3, 4), np.float32)
+        for i in range(BATCH):
+            for j in range(2):
+                x0, y0 = rng.integers(0, SIZE // 2, 2)
+                w, h = rng.integers(8, SIZE // 2, 2)
+                masks[i, j, y0:y0 + h, x0:x0 + w] = 1
+                boxes[i, j] = [x0, y0, x0 + w, y0 + h]
+        out.append({"image": rng.uniform(0, 255, (BATCH, SIZE, SIZE, 3)).astype(np.float32),
+                    "image_hw": np.full((BATCH, 2), SIZE, np.int32), "boxes": boxes,
+                    "labels": np.tile(np.array([[1, 3, 0]], np.int32), (BATCH, 1)), "masks": masks,
+                    "valid": np.tile(np.array([[True, True, False]]), (BATCH, 1))})
+    return out
+
+
+def _steps(tr, state, batches):
+    losses = []
+    for b in batches:
+        with tr.mesh:
+            state, m = tr.train_step(state, tr.put_batch(b))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+@pytest.fixture(scope="module")
+def fsdp_trainer():
+    from segjax import sharding, train_loop
+
+    return train_loop.Trainer(_config(), mesh=sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}))
+
+
+@pytest.mark.slow  # two full train-step compiles (1 and 8 devices): minutes of CPU
+def test_sharded_step_equals_single_device(fsdp_trainer):
+    from segjax import sharding, train_loop
+
+    tr = fsdp_trainer
+    spec = tr.param_shardings["backbone"]["net"]["blocks_0"]["mlp"]["fc1"]["kernel"].spec
+    assert spec[0] == "fsdp", spec  # the ViT's parameters really are sharded
+    batches = _batches(2)
+    state, losses = _steps(tr, tr.init_state(), batches)
+    one = train_loop.Trainer(_config(), mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1},
+                                                                  devices=jax.devices()[:1]))
+    init = jax.device_get(one.init_state()["params"])
+    ref_state, ref_losses = _steps(one, one.init_state(), batches)
+    # same math, another reduction order (fp32); discrete choices (top-k, NMS, sampling,
+    # drop path) see the same rng and near-equal scores
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    params, ref = jax.device_get(state["params"]), jax.device_get(ref_state["params"])
+    ref_flat = dict(jax.tree_util.tree_leaves_with_path(ref))
+    # Adam divides by sqrt(v): rounding noise in a near-zero gradient becomes an update of
+    # up to lr (1e-3), so parameters agree to 30% of one step, not to fp32 precision
+    for path, a in jax.tree_util.tree_leaves_with_path(params):
+        np.testing.assert_allclose(a, ref_flat[path], rtol=0, atol=3e-4, err_msg=jax.tree_util.keystr(path))
+    moved = np.abs(ref["backbone"]["net"]["blocks_0"]["attn"]["qkv"]["kernel"]
+                   - init["backbone"]["net"]["blocks_0"]["attn"]["qkv"]["kernel"]).max()
+    assert moved > 1.5e-3  # two Adam steps moved the ViT (not two untouched inits)
+
+
+@pytest.mark.slow  # a full train-step compile (8 devices) and three steps
+def test_resume_is_exact(fsdp_trainer, tmp_path):
+    """Step 2 from a checkpoint of step 1 (sharded restore) == step 2 of an unbroken run,
+    bit for bit, drop path and sampling included."""
+    from segjax import checkpoint, train_loop
+
+    tr = fsdp_trainer
+    b1, b2 = _batches(2)
+    s1, _ = _steps(tr, tr.init_state(), [b1])
+    ckpt = checkpoint.TrainCheckpointer(tmp_path, save_every=1, keep=1, async_save=False)
+    ckpt.save(1, s1["params"], s1["opt_state"], {}, train_loop._meta(tr.config))
+    s2, l2 = _steps(tr, s1, [b2])
+    resumed, data = train_loop.restore_or_init(tr, ckpt)
+    assert data["resumed_step"] == 1
+    r2, lr2 = _steps(tr, resumed, [b2])
+    assert l2 == lr2
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(s2)), jax.tree_util.tree_leaves(jax.device_get(r2))):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_drop_path_is_active_in_training_only():
+    from segjax.models.maskrcnn.vitdet import ViTDetNet
+
+    net = ViTDetNet(img_size=SIZE, pretrain_img_size=SIZE, embed_dim=32, depth=3, num_heads=2, window_size=2,
+                    global_attn_indexes=(1,), drop_path_rate=0.5)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, SIZE, SIZE, 3)), jnp.float32)
+    params = net.init(jax.random.key(0), x)["params"]
+    run = jax.jit(lambda k, train: net.apply({"params": params}, x, train, rngs={"dropout": k}), static_argnums=1)
+    f_eval, f_a, f_b = run(jax.random.key(0), False), run(jax.random.key(0), True), run(jax.random.key(1), True)
+    assert np.abs(np.asarray(f_a) - np.asarray(f_b)).max() > 1e-3  # samples differ by rng
+    assert np.abs(np.asarray(f_a) - np.asarray(f_eval)).max() > 1e-3
+    np.testing.assert_array_equal(f_a, run(jax.random.key(0), True))
+
+
+def test_train_step_lowers_for_tpu_and_cuda(fsdp_trainer):
+    tr = fsdp_trainer
+    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   tr.abstract_state(), tr.state_shardings)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.batch_sharding)
+             for k, v in _batches(1)[0].items()}
+    exp = jax.export.export(tr.train_step, platforms=("tpu", "cuda"))(state, batch)
+    assert exp.platforms == ("tpu", "cuda") and exp.nr_devices == 8

@@ -5,8 +5,8 @@ built from its single stride-16 map, as detectron2's `projects/ViTDet` (`ViT` +
 Legend: B batch, S input side, H/W token grid (S / P), P patch size, D width, F pyramid
 channels, G the pretraining token grid.
 
-The ViT is the windowed / global rel-pos ViT of `segjax.models.vit` (`WindowedBlock`,
-the blocks SAM's image encoder runs): windowed attention in every block but
+The ViT is `segjax.models.vit.windowed_vit_trunk`, the trunk SAM's image encoder runs
+(`WindowedBlock`s): windowed attention in every block but
 `global_attn_indexes`, decomposed relative positions (tables (2 * window - 1, K) in
 windowed blocks, (2 * img_size / P - 1, K) in global ones), and an absolute position
 table of the pretraining grid (1, G, G, D) resized bicubically to the input grid on
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from segjax.models.maskrcnn.backbone import conv
 from segjax.models.maskrcnn.roi_heads import ConvTranspose2x2
 from segjax.models.sam.image_encoder import layer_norm_2d
-from segjax.models.vit import PatchEmbed, WindowedBlock, resize_pos_embed_2d
+from segjax.models.vit import windowed_vit_trunk
 
 Dtype = Any
 
@@ -75,31 +75,19 @@ class ViTDetNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        b, s_h, s_w, _ = x.shape
-        p, d = self.patch_size, self.embed_dim
-        if s_h % p or s_w % p:
-            raise ValueError(f"input {s_h}x{s_w} is not divisible by the patch size {p}")
+        p = self.patch_size
         if self.pretrain_img_size % p or self.img_size % p:
             raise ValueError(f"img_size {self.img_size} and pretrain_img_size {self.pretrain_img_size} "
                              f"must be multiples of the patch size {p}")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"global_attn_indexes {bad} outside the {self.depth} blocks")
-        h, w = s_h // p, s_w // p
-        x = PatchEmbed(p, d, self.dtype, name="patch_embed")(x).reshape(b, h, w, d)
-        x = x.astype(jnp.float32)  # residual stream in float32 (bf16 inside the matmuls)
-        g = self.pretrain_img_size // p
-        pos = self.param("pos_embed", nn.with_logical_partitioning(
-            nn.initializers.truncated_normal(0.02), (None, None, None, "embed")), (1, g, g, d))
-        x = x + resize_pos_embed_2d(pos, (h, w))
-        block = nn.remat(WindowedBlock, static_argnums=(2,)) if self.remat else WindowedBlock
-        for i in range(self.depth):
-            x = block(self.num_heads, input_size=self.img_size // p,
-                      window_size=0 if i in self.global_attn_indexes else self.window_size,
-                      mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=LN_EPS,
-                      mlp_names=("fc1", "fc2"), dtype=self.dtype,
-                      drop_path_rate=self.drop_path_rate * i / max(self.depth - 1, 1),
-                      name=f"blocks_{i}")(x, train)
+        x = windowed_vit_trunk(
+            self, x, train, patch_size=p, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, window_size=self.window_size,
+            global_attn_indexes=tuple(self.global_attn_indexes), pos_grid=self.pretrain_img_size // p,
+            rel_pos_grid=self.img_size // p, ln_eps=LN_EPS, mlp_names=("fc1", "fc2"), dtype=self.dtype,
+            drop_path_rate=self.drop_path_rate, remat=self.remat, pos_init=nn.initializers.truncated_normal(0.02))
         return x  # (B, H, W, D) float32
 
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segjax.models.vit import PatchEmbed, WindowedBlock, resize_pos_embed_2d
+from segjax.models.vit import windowed_vit_trunk
 
 Dtype = Any
 
@@ -56,27 +56,13 @@ class ImageEncoderViT(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        b, s_h, s_w, _ = x.shape
-        p, d = self.patch_size, self.embed_dim
-        if s_h % p or s_w % p:
-            raise ValueError(f"input {s_h}x{s_w} is not divisible by the patch size {p}")
-        h, w = s_h // p, s_w // p
-        x = PatchEmbed(p, d, self.dtype, name="patch_embed")(x)  # (B, H*W, D)
-        # NOTE: residual stream in float32 (bf16 compute only inside the matmuls).
-        x = x.reshape(b, h, w, d).astype(jnp.float32)
-        g = self.pretrain_img_size // p
-        pos = self.param("pos_embed", nn.with_logical_partitioning(
-            nn.initializers.zeros, (None, None, None, "embed")), (1, g, g, d))
-        x = x + resize_pos_embed_2d(pos, (h, w))
-        # `train` (argument 2 counting the module) is static under remat
-        block = nn.remat(WindowedBlock, static_argnums=(2,)) if self.remat else WindowedBlock
-        for i in range(self.depth):
-            x = block(
-                self.num_heads, input_size=g,
-                window_size=0 if i in self.global_attn_indexes else self.window_size,
-                mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, ln_eps=self.ln_eps,
-                dtype=self.dtype, drop_path_rate=self.drop_path_rate * i / max(self.depth - 1, 1),
-                name=f"blocks_{i}")(x, train)
+        g = self.pretrain_img_size // self.patch_size
+        x = windowed_vit_trunk(
+            self, x, train, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+            window_size=self.window_size, global_attn_indexes=tuple(self.global_attn_indexes), pos_grid=g,
+            rel_pos_grid=g, ln_eps=self.ln_eps, mlp_names=("lin1", "lin2"), dtype=self.dtype,
+            drop_path_rate=self.drop_path_rate, remat=self.remat)
         x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
         x = layer_norm_2d("neck_1")(x)
         x = nn.Conv(self.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
