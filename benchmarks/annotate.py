@@ -67,7 +67,7 @@ def _screenshot(drv, path: str, w: int, h: int, n: int) -> None:
     drv.save_screenshot(raw)
     im = Image.open(raw).convert("RGB")
     im = im.resize((1000, round(im.height * 1000 / im.width)), Image.LANCZOS)
-    im.quantize(64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    im.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
     os.unlink(raw)
 
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", default="1600x1000", help="browser window WxH")
     p.add_argument("--screenshot", default=None,
                    help="after the timing: accept a mask, click again and save the page as this PNG "
-                        "(1000 px wide, 64 colours: the README's picture)")
+                        "(1000 px wide, 256 colours: the README's picture)")
     args = p.parse_args(argv)
 
     from PIL import Image

@@ -291,19 +291,14 @@ def create_app(seg: Segmenter, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
     def delete(ann_id: int):
         return store.delete(ann_id)
 
-    @app.post("/api/undo")
-    def undo():
-        out = store.undo()
-        if out is None:
-            return error(404, "nothing to undo")
-        return out
+    def history(which: str):
+        def step():
+            out = getattr(store, which)()
+            return error(404, f"nothing to {which}") if out is None else out
+        app.post(f"/api/{which}", name=which)(step)
 
-    @app.post("/api/redo")
-    def redo():
-        out = store.redo()
-        if out is None:
-            return error(404, "nothing to redo")
-        return out
+    history("undo")
+    history("redo")
 
     @app.post("/api/done")
     def done(body: DoneBody):

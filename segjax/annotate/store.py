@@ -320,21 +320,18 @@ class AnnotationStore:
 
     def undo(self) -> dict | None:
         """Reverts the last add / delete / update; returns {op, annotation} or None."""
-        with self._lock:
-            if not self._undo:
-                return None
-            op = self._undo.pop()
-            ann = self._apply(op, inverse=True)
-            self._redo.append(op)
-            self.save()
-            return {"op": op[0], "annotation": copy.deepcopy(ann)}
+        return self._step(self._undo, self._redo, inverse=True)
 
     def redo(self) -> dict | None:
+        """Applies the last undone operation again; returns {op, annotation} or None."""
+        return self._step(self._redo, self._undo, inverse=False)
+
+    def _step(self, source: list, target: list, inverse: bool) -> dict | None:
         with self._lock:
-            if not self._redo:
+            if not source:
                 return None
-            op = self._redo.pop()
-            ann = self._apply(op, inverse=False)
-            self._undo.append(op)
+            op = source.pop()
+            ann = self._apply(op, inverse=inverse)
+            target.append(op)
             self.save()
             return {"op": op[0], "annotation": copy.deepcopy(ann)}
