@@ -21,8 +21,10 @@ from configs.common import parse_arg
 from configs.sam.base import decay_at, sam_config
 
 SHAPES = {"image_size": 128, "num_train": 2000, "num_val": 200, "max_objects": 4, "seed": 0}
-# sam_vit_tiny at 128 px: the position table for an 8 x 8 grid, windows of 4
-MODEL = {"pretrain_img_size": 128, "window_size": 4}
+# sam_vit_tiny at 128 px (the position table for an 8 x 8 grid, windows of 4) with the
+# encoder of configs/mae/shapes.py (64 wide, 4 blocks, 4 heads, patch 16), so `:mae_init`
+# starts from that MAE
+MODEL = {"pretrain_img_size": 128, "window_size": 4, "encoder_num_heads": 4}
 
 
 def get_config(arg=None):
@@ -31,15 +33,15 @@ def get_config(arg=None):
     c.data.shapes = dict(SHAPES)
     c.batch_size = 8
     c.eval_batch_size = 8
-    c.total_steps = 600
+    c.total_steps = 400
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
     c.optim.decay_steps = decay_at(c.total_steps)
     c.optim.grad_clip_norm = 1.0
     c.eval.max_images = 100
-    c.eval_every = 300
+    c.eval_every = 200
     c.log_every = 20
-    c.checkpoint.save_every = 300
+    c.checkpoint.save_every = 200
     if arg.variant == "mae_init":
         mae_init(c)
         c.init_from.path = "workdirs/mae_shapes"
