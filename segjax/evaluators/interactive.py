@@ -59,7 +59,8 @@ from segjax.models.sam.prompt_encoder import ABSENT
 PAD_POINT, BOX_TL, BOX_BR = -1, 2, 3
 
 # decode(coords (P, T, 2) float32 (x, y), labels (P, T) int32, mask_input (P, lh, lw) float32
-#        or None, multimask) -> (masks (P, K, h, w) bool, low_res (P, K, lh, lw), iou_pred (P, K))
+#        or None, multimask) -> (masks (P, h, w) bool, low_res (P, lh, lw), iou_pred (P,)): with
+# multimask, of each prompt's output with the highest predicted IoU.
 Decode = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", bool], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
@@ -149,7 +150,6 @@ def simulate_clicks(decode: Decode, gt: np.ndarray, *, max_clicks: int = 20, sto
     clicks: list[list[Click]] = [[] for _ in range(p)]
     kept = {}
     mask_input = None
-    rows = np.arange(p)
     for r in range(max_clicks):
         for i in np.flatnonzero(active):
             click = next_click(gt[i], pred[i], not_clicked[i])
@@ -161,10 +161,8 @@ def simulate_clicks(decode: Decode, gt: np.ndarray, *, max_clicks: int = 20, sto
             coords[i, n] = (click.x, click.y)
             labels[i, n] = int(click.positive)
             labels[i, n + 1] = PAD_POINT  # the official predictor's padding point (no box)
-        masks, low, iou_pred = decode(coords, labels, mask_input, r == 0)
-        k = np.argmax(np.asarray(iou_pred), axis=-1) if r == 0 else np.zeros(p, int)
-        new_pred, mask_input = np.asarray(masks)[rows, k], np.asarray(low)[rows, k]
-        pred = np.where(active[:, None, None], new_pred, pred)
+        new_pred, mask_input, _ = decode(coords, labels, mask_input, r == 0)
+        pred = np.where(active[:, None, None], np.asarray(new_pred, bool), pred)
         ious[:, r] = np.where(active, mask_iou(pred, gt), ious[:, r - 1] if r else 0.0)
         for i in range(min(keep_masks, p)):
             if r + 1 in keep_rounds:
@@ -205,9 +203,11 @@ class SamDecoder:
                                mask_input=mask_input[None, ..., None], has_mask=has_mask[None],
                                multimask_output=multimask, method="predict_masks")
         low, iou = out["low_res_logits"][0], out["iou_predictions"][0]  # (P, K, lh, lw), (P, K)
+        k = jnp.argmax(iou, axis=-1)  # the highest predicted IoU (K = 1: the single mask)
+        low = jnp.take_along_axis(low, k[:, None, None, None], axis=1)[:, 0]  # (P, lh, lw)
+        iou = jnp.take_along_axis(iou, k[:, None], axis=1)[:, 0]
         s = self.img_size
-        masks = upscale_masks(low, s, (s, s), (s, s)) > 0.0  # (P, K, S, S)
-        return masks, low, iou
+        return upscale_masks(low, s, (s, s), (s, s)) > 0.0, low, iou  # masks (P, S, S)
 
     def set_image(self, image: np.ndarray, image_hw: Sequence[int]) -> None:
         """image: (S, S, 3) float32 0..255 padded; image_hw: the resized (h, w)."""
@@ -340,8 +340,8 @@ def collect(decoder, examples: Iterable[dict], *, max_clicks: int = 20, iou_thre
                                              min_clicks=max(report_clicks, default=1), keep_rounds=report_clicks,
                                              keep_masks=draw)
         coords, labels = box_prompts(gt)
-        box_masks, _, _ = decoder(coords, labels, None, False)
-        box_pred = np.asarray(box_masks)[:, 0]
+        box_pred, _, _ = decoder(coords, labels, None, False)
+        box_pred = np.asarray(box_pred, bool)
         box_ious = mask_iou(box_pred, gt)
         all_ious.append(ious)
         all_box.append(box_ious)

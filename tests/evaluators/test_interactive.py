@@ -1,5 +1,6 @@
 """Interactive evaluation: RITM click placement, NoC capping, metrics on known predictors, SAM smoke."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from segjax import models
 from segjax.evaluators import interactive
 from segjax.evaluators.interactive import Click, next_click, number_of_clicks, simulate_clicks
+from segjax.inference.sam.postprocess import upscale_masks
 from segjax.testing.params import abstract_params, random_params
 
 
@@ -67,12 +69,8 @@ class Fake:
     def __call__(self, coords, labels, mask_input, multimask):
         self.calls.append((coords.copy(), labels.copy(), None if mask_input is None else mask_input.copy(), multimask))
         masks = self.rule(self.gt, coords, labels, len(self.calls))  # (P, h, w)
-        k = 3 if multimask else 1
-        masks = np.repeat(masks[:, None], k, axis=1)
-        low = np.full(masks.shape[:2] + (8, 8), float(len(self.calls)), np.float32)
-        low[:, :, 0, 0] = np.arange(k)  # tells which of the K masks fed the next round
-        iou = np.tile(np.array([0.1, 0.9, 0.5][:k], np.float32), (len(masks), 1))
-        return masks, low, iou
+        low = np.full((len(masks), 8, 8), float(len(self.calls)), np.float32)  # tells which round fed it
+        return masks, low, np.full(len(masks), 0.5, np.float32)
 
 
 def _example(gt_masks, s=None, valid=None):
@@ -117,12 +115,12 @@ def test_fixed_predictor_known_iou_and_prompts():
     assert metrics["noc@85"] == pytest.approx((1 + 6 + 6) / 3)
     assert metrics["nof@85"] == pytest.approx(2 / 3)
     # Round 1: multimask, no mask input, the first click at the object's centre plus the
-    # padding point; round 2: single mask, the mask input is round 1's highest-IoU mask (1).
+    # padding point; round 2: single mask, the mask input is round 1's logits.
     coords, labels, mask_input, multimask = fake.calls[0]
     assert multimask and mask_input is None
     assert labels[1, :3].tolist() == [1, -1, -10] and coords[1, 0].tolist() == [20.0, 15.0]  # x, y of (15, 20)
     coords, labels, mask_input, multimask = fake.calls[1]
-    assert not multimask and mask_input[1, 0, 0] == 1.0 and mask_input[1, 1, 1] == 1.0
+    assert not multimask and (mask_input == 1.0).all()
     # Mask 2 (cols 20..24, wholly in the right half): the prediction is empty, so click 2 is
     # another foreground click; mask 1's false negatives (cols 16..26) beat nothing.
     assert labels[1, :3].tolist() == [1, 1, -1]
@@ -176,6 +174,20 @@ def test_evaluate_interactive_tiny_sam():
     assert all(np.isfinite(v) for v in metrics.values()) and metrics["num_masks"] == 2
     assert 0 <= metrics["miou@1"] <= 1 and 1 <= metrics["noc@90"] <= 3
     assert len(pictures) == 1 and pictures[0].ndim == 3
+    # The decoder keeps, per prompt, the output of highest predicted IoU, upscaled as
+    # Sam.postprocess_masks does and cropped to the image.
+    decoder = interactive.SamDecoder(model, {"params": params})
+    decoder.set_image(ex["image"], (40, 64))
+    coords, labels = np.array([[[10.0, 12.0], [0, 0]]] * 2, np.float32), np.array([[1, -1]] * 2, np.int32)
+    masks, low, iou = decoder(coords, labels, None, True)
+    predict = jax.jit(lambda prm, *a: model.apply({"params": prm}, *a, method="predict_masks"))
+    out = predict(params, decoder.features, jnp.asarray(coords)[None], jnp.asarray(labels)[None])
+    k = np.argmax(np.asarray(out["iou_predictions"][0]), axis=-1)
+    np.testing.assert_allclose(iou, np.asarray(out["iou_predictions"][0])[np.arange(2), k], rtol=1e-6)
+    np.testing.assert_allclose(low, np.asarray(out["low_res_logits"][0])[np.arange(2), k], rtol=1e-5, atol=1e-6)
+    up = np.asarray(upscale_masks(jnp.asarray(low), 64, (64, 64), (64, 64)))
+    np.testing.assert_array_equal(masks, up[:, :40, :64] > 0)
+    assert masks.shape == (2, 40, 64) and low.shape == (2, 16, 16)
 
 
 def _next_click_whole_image(gt, pred, not_clicked):
