@@ -49,7 +49,7 @@ def build(args: argparse.Namespace):
     from segjax.annotate.embedding_cache import CachingSamPredictor, EmbeddingCache, checkpoint_identity
     from segjax.annotate.images import IMAGE_SUFFIXES, ImageFolder
     from segjax.annotate.segmenter import Segmenter
-    from segjax.annotate.server import create_app
+    from segjax.annotate.server import LOOPBACK_NAMES, create_app
     from segjax.annotate.store import AnnotationStore
 
     folder = ImageFolder(args.image_dir)
@@ -74,7 +74,8 @@ def build(args: argparse.Namespace):
     seg = Segmenter(folder, predictor, store, os.path.join(cache_dir, "logits"), detector,
                     {"points_per_side": args.propose_points, "pred_iou_thresh": args.propose_iou_thresh,
                      "stability_score_thresh": args.propose_stability_thresh})
-    return create_app(seg, args.max_body_bytes), seg
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    return create_app(seg, args.max_body_bytes, LOOPBACK_NAMES if loopback else None), seg
 
 
 def main(argv: list[str] | None = None) -> int:

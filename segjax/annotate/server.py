@@ -22,7 +22,8 @@ Endpoints (JSON unless stated; every error is a 4xx JSON {"detail": message}):
   POST /api/done                  {image, done}
   GET  /api/export                the COCO JSON (as a download)
 
-Request bodies are bounded (`max_body_bytes`, 413 beyond), numbers must be finite
+Request bodies are bounded (`max_body_bytes`, 413 beyond), state-changing requests
+must be JSON and the Host a loopback name (see `RequestGuard`), numbers must be finite
 (pydantic `allow_inf_nan=False`), and exception handlers turn every failure into a
 message: validation 422, bad values 400, unknown names/ids 404, size 413; an
 unexpected error is a 500 with its one-line message, never a traceback.
@@ -107,18 +108,35 @@ class DoneBody(_Body):
     done: bool = True
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a request body over `limit` bytes (declared or streamed)."""
+class RequestGuard:
+    """ASGI middleware in front of the app.
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    413 for a request body over `limit` bytes (declared or streamed); 415 for a
+    state-changing request (POST, PATCH, DELETE, PUT) that is not `application/json`,
+    which a page of another site cannot send here without a CORS preflight that this
+    server never grants; 421 for a Host header other than the allowed names (a DNS
+    rebinding page), unless `allowed_hosts` is None (an explicit --host other than a
+    loopback address).
+    """
+
+    def __init__(self, app, limit: int, allowed_hosts: set[str] | None):
+        self.app, self.limit, self.allowed_hosts = app, limit, allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                return await _send_json(send, 413, f"request body over {self.limit} bytes")
+        headers = dict(scope.get("headers", []))
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get(b"host", b""))
+            if host not in self.allowed_hosts:
+                return await _send_json(send, 421, f"unexpected Host header {host!r}")
+        if scope["method"] in ("POST", "PATCH", "PUT", "DELETE"):
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                return await _send_json(send, 415, "state-changing requests must be application/json")
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_json(send, 413, f"request body over {self.limit} bytes")
         seen = 0
 
         async def limited_receive():
@@ -134,6 +152,17 @@ class BodyLimit:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
             await _send_json(send, 413, f"request body over {self.limit} bytes")
+
+
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}
+
+
+def _host_name(value: bytes) -> str:
+    """b'127.0.0.1:8765' -> '127.0.0.1', b'[::1]:8765' -> '[::1]'."""
+    v = value.decode("latin-1").strip().lower()
+    if v.startswith("["):
+        return v.split("]")[0] + "]"
+    return v.rsplit(":", 1)[0]
 
 
 class _TooLarge(Exception):
@@ -169,9 +198,10 @@ def _check_inside(points, box, hw: tuple[int, int], name: str) -> None:
             raise SamInputError(f"box {list(box)} must satisfy 0 <= x0 <= x1 <= {w} and 0 <= y0 <= y1 <= {h}")
 
 
-def create_app(seg: Segmenter, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+def create_app(seg: Segmenter, max_body_bytes: int = MAX_BODY_BYTES,
+               allowed_hosts: set[str] | None = frozenset(LOOPBACK_NAMES)) -> Any:
     """The ASGI application serving `seg` (its ImageFolder, store and models): the
-    FastAPI app behind the body-size limit."""
+    FastAPI app behind `RequestGuard`."""
     app = FastAPI(title="segjax annotate", docs_url=None, redoc_url=None, openapi_url=None)
     store, folder = seg.store, seg.images
     static = resources.files("segjax.annotate") / "static"
@@ -310,4 +340,4 @@ def create_app(seg: Segmenter, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
         return JSONResponse(store.export(), headers={
             "Content-Disposition": 'attachment; filename="annotations.json"'})
 
-    return BodyLimit(app, max_body_bytes)
+    return RequestGuard(app, max_body_bytes, None if allowed_hosts is None else set(allowed_hosts))

@@ -44,11 +44,13 @@ class AnnotateServer:
         self.kill()
         raise RuntimeError("the annotation server did not start:\n" + "".join(lines))
 
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 300):
-        """(HTTP status, parsed JSON or the raw bytes) of one request."""
+    def call(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 300,
+             headers: dict | None = None):
+        """(HTTP status, parsed JSON or the raw bytes) of one request (JSON content type
+        unless `headers` say otherwise)."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 status, payload, ctype = r.status, r.read(), r.headers.get("content-type", "")

@@ -59,8 +59,14 @@ def test_hostile_requests_get_4xx_with_a_message(workspace, start_server, tmp_pa
             "undo_nothing": ("POST", "/api/undo", None, None, 404),
             "bad_session": ("POST", "/api/predict", {**good, "session": "../x"}, None, 422),
         }
-        for name, (method, path, body, raw, want) in cases.items():
-            status, r = server.call(method, path, body, raw)
+        cases.update({  # what a page of another site could send: not JSON, or a rebinding Host
+            "form_post": ("POST", "/api/undo", None, b"a=1", 415,
+                          {"Content-Type": "application/x-www-form-urlencoded"}),
+            "plain_delete": ("DELETE", "/api/annotations/1", None, None, 415, {"Content-Type": "text/plain"}),
+            "rebinding_host": ("GET", "/api/images", None, None, 421, {"Host": "evil.example:80"}),
+        })
+        for name, (method, path, body, raw, want, *headers) in cases.items():
+            status, r = server.call(method, path, body, raw, headers=headers[0] if headers else None)
             assert status == want, (name, status, r)
             assert isinstance(r, dict) and r.get("detail"), (name, r)
             assert "Traceback" not in r["detail"], (name, r)

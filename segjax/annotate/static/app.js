@@ -26,7 +26,7 @@ const S = {
 async function api(method, url, body) {
   busy(+1);
   try {
-    const res = await fetch(url, {method, headers: body ? {"Content-Type": "application/json"} : {},
+    const res = await fetch(url, {method, headers: method === "GET" ? {} : {"Content-Type": "application/json"},
                                   body: body ? JSON.stringify(body) : undefined});
     const data = await res.json().catch(() => ({detail: res.statusText}));
     if (!res.ok) throw new Error(data.detail || res.statusText);
