@@ -183,20 +183,28 @@ def test_rollout_loss_matches_reference_on_official_outputs(parity):
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The tiny SAM with random parameters (shapes from eval_shape: no init compile)."""
     model = models.build("sam_vit_tiny")
     batch = _batch(b=2, m=3)
     z = np.zeros((2, 1, 2, 2), np.float32)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch["image"], batch["image_hw"], z,
-                                               np.ones((2, 1, 2), np.int32)))["params"]
-    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
-    return model, params, batch
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), batch["image"], batch["image_hw"], z,
+                                          np.ones((2, 1, 2), np.int32)))["params"]
+    leaves, tree = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(0)
+    leaves = [(rng.normal(size=x.shape) / np.sqrt(x.shape[0] if x.ndim > 1 else 25.0)).astype(np.float32)
+              for x in leaves]
+    return model, jax.tree.unflatten(tree, leaves), batch
 
 
 def test_rollout_loss_padding_and_randomness(tiny):
     """The loss is finite, a function of the key alone, and blind to whatever the padding
-    slots hold."""
-    model, params, batch = tiny
-    fn = jax.jit(lambda p, bt, k: rollout_loss(model, p, bt, k, num_rounds=4, train=False))
+    slots hold (here at a loss resolution G = 32 below the decoder's 64: resized logits)."""
+    model, params, _ = tiny
+    batch = _batch(g=32, b=2, m=3)
+    # decoder-only (precomputed embeddings, as the task's embedding cache feeds them)
+    batch["embeddings"] = np.random.default_rng(2).normal(size=(2, 16, 16, 32)).astype(np.float32)
+    fn = jax.jit(lambda p, bt, k: rollout_loss(model, p, bt, k, num_rounds=4, train=False,
+                                               image_embeddings=bt["embeddings"]))
     loss, metrics = fn(params, batch, jax.random.key(3))
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert float(metrics["num_masks"]) == 4
@@ -247,12 +255,14 @@ def test_no_point_rounds():
 
 def test_lowers_for_tpu_and_cuda(tiny):
     """The jitted loss + gradient of the 11-round rollout lowers for TPU and GPU."""
-    model, params, _ = tiny
+    _, params, _ = tiny
     sds = jax.ShapeDtypeStruct
     batch = dict(image=sds((2, 256, 256, 3), jnp.float32), image_hw=sds((2, 2), jnp.int32),
                  masks=sds((2, 8, 64, 64), jnp.bool_), boxes=sds((2, 8, 4), jnp.float32),
                  valid=sds((2, 8), jnp.bool_))
-    fn = jax.jit(jax.value_and_grad(lambda p, bt, k: rollout_loss(model, p, bt, k, train=False), has_aux=True))
+    model = models.build("sam_vit_tiny", encoder_drop_path_rate=0.1)
+    fn = jax.jit(jax.value_and_grad(lambda p, bt, k: rollout_loss(
+        model, p, bt, k, train=True, dropout_rng=jax.random.fold_in(k, 1)), has_aux=True))
     exp = jax.export.export(fn, platforms=("tpu", "cuda"))(jax.eval_shape(lambda: params), batch,
                                                           sds((2,), jnp.uint32))  # a raw PRNG key
     assert exp.platforms == ("tpu", "cuda")

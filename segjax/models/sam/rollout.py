@@ -15,7 +15,8 @@ Rounds (r = 0 .. R-1; the paper's "round r + 1"):
           last round and num_no_point_rounds - 1 rounds drawn per mask among rounds
           1 .. R-2 (paper: 1 + 8 sampled + 2 without = 11). The previous round's
           unthresholded low-res logits are the mask prompt; single-mask output.
-  With 3 masks, the one of highest predicted IoU feeds the next round (its logits as
+  A round whose error region is empty (the prediction is right inside the image) adds
+  no point. With 3 masks, the one of highest predicted IoU feeds the next round (its logits as
   the mask prompt, its thresholded form for the error region), as in sam2's
   `_iter_correct_pt_sampling`.
 Token slots: [first point | round 1 .. R-1 points | pad (-1) or box TL | box BR], absent
@@ -264,6 +265,8 @@ def rollout_loss(model, params, batch: dict, rng: jax.Array, *, num_rounds: int 
       rounds), iou_round1, iou_last (mean IoU at G of the mask fed forward), num_masks).
     """
     check_rounds(num_rounds, num_no_point_rounds)
+    if not 0.0 <= box_prob <= 1.0:
+        raise ValueError(f"box_prob must be in [0, 1], got {box_prob}")
     masks, boxes, valid = _clean(batch)
     b, m = masks.shape[:2]
     size = model.img_size
