@@ -126,7 +126,7 @@ def test_features_rpn_and_heads_match_torch(twin):
 
 
 def test_registry_variants():
-    from segjax.models.maskrcnn.vitdet import ViTDetBackbone
+    from segjax.models.maskrcnn.vitdet import ViTDetBackbone, ViTDetNet
 
     spec = {"b": (768, 12, 12, (2, 5, 8, 11), 0.1), "l": (1024, 24, 16, (5, 11, 17, 23), 0.4),
             "h": (1280, 32, 16, (7, 15, 23, 31), 0.5)}
@@ -140,7 +140,7 @@ def test_registry_variants():
     # ViT-B at 1024: parameter count of the backbone (detectron2's ViT-B + simple FPN)
     b = models.build("maskrcnn_vitdet_b")
     x = jnp.zeros((1, 1024, 1024, 3))
-    shapes = jax.eval_shape(lambda: ViTDetBackbone(drop_path_rate=0.0).init(jax.random.key(0), x))
+    shapes = jax.eval_shape(lambda: ViTDetBackbone(ViTDetNet(drop_path_rate=0.0)).init(jax.random.key(0), x))
     n = sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes))
     assert 85e6 < n < 115e6, n
     assert b.fpn_channels == 256

@@ -49,7 +49,7 @@ from segjax.models.maskrcnn.roi_heads import (
     select_training_samples,
 )
 from segjax.models.maskrcnn.rpn import RPN_WEIGHTS, RPNHead, filter_proposals, rpn_loss
-from segjax.models.maskrcnn.vitdet import ViTDetBackbone
+from segjax.models.maskrcnn.vitdet import ViTDetBackbone, ViTDetNet
 from segjax.ops import boxes as box_ops
 from segjax.ops.resample import resize_image, resized_hw
 
@@ -151,12 +151,11 @@ class MaskRCNN(nn.Module):
 
     def setup(self):
         if self.backbone_type == "vitdet":
-            self.backbone = ViTDetBackbone(
-                self.vit_img_size, self.vit_pretrain_img_size, self.vit_patch_size, self.vit_embed_dim,
-                self.vit_depth, self.vit_num_heads, window_size=self.vit_window_size,
-                global_attn_indexes=tuple(self.vit_global_attn_indexes),
-                drop_path_rate=self.vit_drop_path_rate, remat=self.vit_remat,
-                out_channels=self.fpn_channels, dtype=self.dtype)
+            net = ViTDetNet(self.vit_img_size, self.vit_pretrain_img_size, self.vit_patch_size, self.vit_embed_dim,
+                            self.vit_depth, self.vit_num_heads, window_size=self.vit_window_size,
+                            global_attn_indexes=tuple(self.vit_global_attn_indexes),
+                            drop_path_rate=self.vit_drop_path_rate, remat=self.vit_remat, dtype=self.dtype)
+            self.backbone = ViTDetBackbone(net, self.fpn_channels, dtype=self.dtype)
         elif self.backbone_type == "resnet_fpn":
             self.backbone = BackboneWithFPN(self.depths, self.stem_width, self.width_per_group, self.bn_eps,
                                             self.trainable_layers, self.fpn_channels, self.head_norm,

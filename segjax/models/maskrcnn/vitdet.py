@@ -121,35 +121,22 @@ class PyramidLevel(nn.Module):
 
 
 class ViTDetBackbone(nn.Module):
-    """`net` (ViTDetNet) + `simfp_{2..5}` -> [P2, P3, P4, P5, P6], each (B, H_l, W_l, F).
+    """`net` (a ViTDetNet) + `simfp_{2..5}` -> [P2, P3, P4, P5, P6], each (B, H_l, W_l, F).
 
-    Fields as ViTDetNet's, plus `out_channels` F and `scale_factors` (4, 2, 1, 0.5).
+    `out_channels` F; `scale_factors` (4, 2, 1, 0.5) of the stride-P map.
     """
 
-    img_size: int = 1024
-    pretrain_img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    window_size: int = 14
-    global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
-    drop_path_rate: float = 0.1
-    remat: bool = False
+    net: ViTDetNet
     out_channels: int = 256
     scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        feat = ViTDetNet(self.img_size, self.pretrain_img_size, self.patch_size, self.embed_dim,
-                         self.depth, self.num_heads, self.mlp_ratio, True, self.window_size,
-                         tuple(self.global_attn_indexes), self.drop_path_rate, self.remat, self.dtype,
-                         name="net")(x, train)
+        feat = self.net(x, train)
         outs = []
         for scale in self.scale_factors:
-            stage = int(math.log2(self.patch_size / scale))
+            stage = int(math.log2(self.net.patch_size / scale))
             outs.append(PyramidLevel(float(scale), self.out_channels, self.dtype, name=f"simfp_{stage}")(feat))
         outs.append(outs[-1][:, ::2, ::2])  # LastLevelMaxPool: max_pool2d(k=1, s=2) of P5
         return outs
