@@ -241,3 +241,30 @@ def test_config_rules_replace_the_named_mapping_and_merge_without_one():
     plain = ml_collections.ConfigDict({"allow_missing": (), "allow_unexpected": ()})
     same, rep = init_maps.init_params(src, src, {"model": "mae_vit_tiny"}, plain)
     assert rep["missing"] == [] and rep["unexpected"] == []
+
+
+def test_vitdet_shapes_config_initialises_from_an_mae_checkpoint(tmp_path):
+    """configs/maskrcnn/vitdet_shapes.py:mae declares everything an MAE of
+    configs/mae/shapes.py leaves unfilled or unused: restore_or_init goes through."""
+    from configs.mae import shapes as mae_shapes
+    from configs.maskrcnn import vitdet_shapes
+    from segjax import train_loop
+
+    mae_cfg = mae_shapes.get_config("runlocal")
+    mae = models.build(mae_cfg.model.name, **mae_cfg.model.kwargs)
+    rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
+    params = nn.meta.unbox(jax.jit(mae.init)(rngs, jnp.zeros((1, 128, 128, 3)))["params"])
+    checkpoint.save_params(tmp_path / "mae", params, {"model": mae_cfg.model.name,
+                                                      "model_kwargs": dict(mae_cfg.model.kwargs)})
+    c = vitdet_shapes.get_config("mae,runlocal")
+    c.init_from.path = str(tmp_path / "mae")
+    train_loop.validate_config(c)
+    trainer = train_loop.Trainer(c)
+    state, info = train_loop.restore_or_init(trainer, checkpoint.TrainCheckpointer(tmp_path / "w", 10, 1))
+    rep = info["init_from"]
+    assert "backbone/net/blocks_3/mlp/fc2/kernel" in rep["loaded"] and "decoder_pred/kernel" in rep["unexpected"]
+    got = np.asarray(jax.device_get(state["params"]["backbone"]["net"]["blocks_0"]["attn"]["qkv"]["kernel"]))
+    np.testing.assert_array_equal(got, params["blocks_0"]["attn"]["qkv"]["kernel"])
+    # the 8 x 8 grid of both: the class row dropped, the table copied
+    pos = np.asarray(jax.device_get(state["params"]["backbone"]["net"]["pos_embed"]))
+    np.testing.assert_array_equal(pos, np.asarray(params["pos_embed"])[:, 1:].reshape(1, 8, 8, 64))
