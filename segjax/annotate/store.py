@@ -207,17 +207,18 @@ class AnnotationStore:
                 for im in self.data["images"]}
 
     def export(self) -> dict:
-        with self._lock:
-            return copy.deepcopy(self.data)
-
-    # ------------------------------------------------------------------ writes
-    def save(self) -> None:
-        """Writes the file; images without annotations that are not marked done are left
-        out (they would be read as images without objects)."""
+        """The file's content: images without annotations that are not marked done are
+        left out (they would be read as images without objects)."""
         with self._lock:
             used = {a["image_id"] for a in self.data["annotations"]}
             images = [im for im in self.data["images"] if im["id"] in used or im.get("segjax_done")]
-            atomic_write_json(self.path, {**self.data, "images": images})
+            return copy.deepcopy({**self.data, "images": images})
+
+    # ------------------------------------------------------------------ writes
+    def save(self) -> None:
+        """Writes `export()` to the file, atomically."""
+        with self._lock:
+            atomic_write_json(self.path, self.export())
 
     def _add_category(self, name: str) -> int:
         cid = max((c["id"] for c in self.data["categories"]), default=0) + 1

@@ -117,7 +117,7 @@ def test_click_box_accept_undo_reload_export(workspace, start_server, browser, t
     pts, labels = np.asarray(ann["segjax"]["points"]), np.asarray(ann["segjax"]["labels"])
     _, iou, low = pred.predict(pts[:1], labels[:1], multimask_output=True)
     second = np.argsort(-iou, kind="stable")[1]
-    want, _, _ = pred.predict(pts, labels, mask_input=low[second][None], multimask_output=False)
+    want, _, low_accepted = pred.predict(pts, labels, mask_input=low[second][None], multimask_output=False)
     np.testing.assert_array_equal(mask, want[0])
 
     # reload: resumes from the server (the accepted mask, the embedding from the cache)
@@ -136,6 +136,35 @@ def test_click_box_accept_undo_reload_export(workspace, start_server, browser, t
     wait_for(drv, "return !!window.segjax.state.proposal", False)
     data = json.loads(out.read_text())
     assert [a["segjax"]["source"] for a in data["annotations"]] == ["click", "propose"]
+
+    # edit the first mask (select it, E, a background click, Enter): its logits are the mask prompt
+    first_id = data["annotations"][0]["id"]
+    drv.find_element("css selector", f"#annotation-list li[data-id='{first_id}']").click()
+    wait_for(drv, "return window.segjax.state.selected", first_id)
+    keys(drv, "e")
+    assert drv.execute_script("return window.segjax.state.editing") == first_id
+    click(drv, 20, 80, right=True)
+    wait_for(drv, "return document.body.dataset.predictions", "1")
+    _idle(drv)
+    keys(drv, "\ue007")
+    wait_for(drv, "return window.segjax.state.editing", None)
+    _idle(drv)
+    edited = json.loads(out.read_text())["annotations"][0]
+    assert edited["id"] == first_id and edited["segjax"]["source"] == "edit"
+    want, _, _ = pred.predict(np.asarray(edited["segjax"]["points"]), np.asarray(edited["segjax"]["labels"]),
+                              mask_input=low_accepted[0][None], multimask_output=False)
+    assert edited["segjax"]["labels"] == [0]
+    from pycocotools import mask as mask_utils
+
+    got = mask_utils.decode({**edited["segmentation"], "counts": edited["segmentation"]["counts"].encode()})
+    np.testing.assert_array_equal(got.astype(bool), want[0])
+    # delete the proposed one (select, Delete)
+    second_id = json.loads(out.read_text())["annotations"][1]["id"]
+    drv.find_element("css selector", f"#annotation-list li[data-id='{second_id}']").click()
+    wait_for(drv, "return window.segjax.state.selected", second_id)
+    keys(drv, "\ue017")  # Delete
+    wait_for(drv, "return document.querySelectorAll('#annotation-list li').length", 1)
+    assert [a["id"] for a in json.loads(out.read_text())["annotations"]] == [first_id]
 
     # export through the page's link: the same JSON as the file
     drv.find_element("id", "export").click()

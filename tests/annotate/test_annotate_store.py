@@ -37,6 +37,7 @@ def test_add_update_delete_undo_redo(tmp_path):
     data = json.loads(out.read_text())
     assert [(x["id"], x["category_id"], x["area"]) for x in data["annotations"]] == [(1, 1, 600)]
     assert [im["file_name"] for im in data["images"]] == ["x.png"]  # y.png has nothing left and is not done
+    assert st.export() == data
     assert st.undo()["op"] == "delete" and st.undo()["op"] == "update"
     data = json.loads(out.read_text())
     assert [(x["id"], x["category_id"], x["area"]) for x in data["annotations"]] == [(1, 2, 40), (2, 3, 16)]
