@@ -28,3 +28,16 @@ def maskrcnn_config(model: str, min_size: int, max_size: int, pad_size: tuple[in
     c.eval = {"max_images": 0, "num_draw": 8, "backend": "pycocotools", "annotation_file": "",
               "score_threshold": 0.5}
     return c
+
+
+def coco2017_data(c: ml_collections.ConfigDict) -> None:
+    """A local COCO 2017 as the data: `data.root` holds train2017/, val2017/ and
+    annotations/ ("{root}" in the split paths stands for it, so one flag points at
+    another copy of COCO); prepared as tfds `coco2017` in data_dir on first use."""
+    c.data.kind = "coco"
+    c.data.name = "coco"
+    c.data.dataset = "coco2017"
+    c.data.root = "/data/coco"
+    c.data.splits = {
+        "train": ("{root}/train2017", "{root}/annotations/instances_train2017.json"),
+        "val": ("{root}/val2017", "{root}/annotations/instances_val2017.json")}

@@ -20,7 +20,7 @@ torchvision's 91-slot heads (e.g. converted COCO weights).
 """
 
 from configs.common import parse_arg
-from configs.maskrcnn.base import maskrcnn_config
+from configs.maskrcnn.base import coco2017_data, maskrcnn_config
 from segjax.models.maskrcnn.backbone import frozen_patterns
 
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with annotations
@@ -35,14 +35,7 @@ def get_config(arg=None):
     c.eval_batch_size = 8
     epochs = 26
     c.total_steps = epochs * COCO_TRAIN_IMAGES // c.batch_size
-    c.data.kind = "coco"
-    c.data.name = "coco"
-    c.data.dataset = "coco2017"
-    # "{root}" is replaced by data.root, so one flag points at another copy of COCO.
-    c.data.root = "/data/coco"
-    c.data.splits = {
-        "train": ("{root}/train2017", "{root}/annotations/instances_train2017.json"),
-        "val": ("{root}/val2017", "{root}/annotations/instances_val2017.json")}
+    coco2017_data(c)
     c.optim.name = "sgd"
     c.optim.lr = 0.02 * c.batch_size / 16
     c.optim.momentum = 0.9

@@ -32,7 +32,7 @@ the heads keep torchvision's semantics (models/maskrcnn/__init__.py).
 """
 
 from configs.common import parse_arg
-from configs.maskrcnn.base import maskrcnn_config
+from configs.maskrcnn.base import coco2017_data, maskrcnn_config
 from configs.maskrcnn.vitdet_shapes import mae_init, vitdet_finetune
 
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with annotations
@@ -47,13 +47,7 @@ def get_config(arg=None):
     c.batch_size = PAPER_BATCH
     c.eval_batch_size = 8
     c.total_steps = PAPER_ITERS
-    c.data.kind = "coco"
-    c.data.name = "coco"
-    c.data.dataset = "coco2017"
-    c.data.root = "/data/coco"
-    c.data.splits = {
-        "train": ("{root}/train2017", "{root}/annotations/instances_train2017.json"),
-        "val": ("{root}/val2017", "{root}/annotations/instances_val2017.json")}
+    coco2017_data(c)
     c.data.lsj = {"size": 1024, "min_scale": 0.1, "max_scale": 2.0}
     vitdet_finetune(c, c.total_steps)
     c.optim.lr = 1e-4 * c.batch_size / 64
