@@ -23,7 +23,7 @@ Masks, from any record with `objects.rle` (compressed-RLE counts at (H, W)), i.e
 (`segjax.data.sa1b`) datasets:
   - candidates: not crowd (a crowd region is a group, not one object), area > 0 and
     area <= max_area_fraction * H * W (the paper drops masks covering more than 90%
-    of the image);
+    of the image); none in an image so elongated that a side would resize to 0 px;
   - each is resized with the image's own filter (a 0/255 PIL image, bilinear, the same
     geometry as the pixels; kept where >= 128); a mask left empty at the output
     resolution (G in training, S in evaluation) is dropped;
@@ -115,6 +115,8 @@ class SamPreprocess:
         if not n:
             return np.zeros((0,), np.int64)
         h, w = int(record["height"]), int(record["width"])
+        if min(preprocess_shape(h, w, self.img_size)) < 1:
+            return np.zeros((0,), np.int64)  # so elongated that a side resizes to 0 px
         area = mask_utils.area([{"size": [h, w], "counts": bytes(r)} for r in obj["rle"]]).astype(np.float64)
         crowd = np.asarray(obj.get("iscrowd", np.zeros(n, bool)), bool).reshape(n)
         keep = ~crowd & (area > 0) & (area <= self.max_area_fraction * h * w)

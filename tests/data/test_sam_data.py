@@ -105,6 +105,8 @@ def test_mask_filters():
     assert pre.usable(rec)
     assert not pre.usable(_record(np.zeros((h, w, 3), np.uint8), masks[:4] + masks[5:], iscrowd=[0, 0, 0, 1, 0]))
     assert SamPreprocess(img_size=64, mask_size=16, max_area_fraction=0.95).candidates(rec).tolist() == [1, 4, 5]
+    sliver = _record(np.zeros((1, 300, 3), np.uint8), [np.ones((1, 300), bool)])  # resizes to 0 x 64
+    assert not pre.usable(sliver) and not len(SamPreprocess(64, 16, max_area_fraction=1.0).candidates(sliver))
     with pytest.raises(ValueError, match="divide"):
         SamPreprocess(img_size=64, mask_size=24)
 
