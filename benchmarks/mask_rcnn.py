@@ -9,7 +9,13 @@ segjax with `segjax.convert.maskrcnn` so both run the same network. fp32.
   train step: batch 2 of 800x800 images with 6 instances each (boxes + masks), the
     five losses, backward and SGD (momentum 0.9, lr 0.02, weight decay 1e-4) with
     torchvision's frozen parameters kept frozen on both sides.
-Each framework runs in its own subprocess (peak RSS attributable), one after the other.
+Each framework runs in its own subprocess (peak RSS attributable), one after the other,
+with the same thread count (all CPUs). The seeded torchvision weights are built in a
+third subprocess and handed to the segjax worker as an .npz state dict, so that the
+segjax worker never imports torch (torch's libraries and the torch model would
+otherwise count in segjax's peak). Like torchvision's one model object, the segjax
+worker holds one copy of the weights during the train step (the predictor's copy is
+dropped after inference).
 
 Usage:
   python benchmarks/mask_rcnn.py [--iters 3] [--skip-torch] [--skip-train]
@@ -22,7 +28,8 @@ Recorded figures, with date, machine and command: benchmarks/README.md.
 
 Numbers: median wall time of `--iters` timed runs after one warm-up; segjax compile
 time (first call, incl. tracing) separately; peak MB = ru_maxrss of the worker (CPU
-has no device memory stats); ratio = torchvision time / segjax time (> 1: segjax faster);
+has no device memory stats; `infer peak` the same after inference, before training);
+ratio = torchvision time / segjax time (> 1: segjax faster);
 load avg = the machine's 1-minute load at the worker's start and end (other jobs share
 the CPUs: the workers run one after the other, so compare under similar load).
 """
@@ -38,6 +45,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +122,7 @@ def worker_torch(args) -> dict:
     with torch.no_grad():
         res["infer_s"], res["infer_min_s"] = _time(lambda: model([img]), args.iters)
         res["num_detections"] = len(model([img])[0]["boxes"])
+    res["infer_peak_mb"] = _peak_mb()
     if not args.skip_train:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -180,21 +189,29 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
     return batch, (p0, tx.init(p0)), step
 
 
+def worker_weights(args) -> dict:
+    """Writes the seeded torchvision model's state dict to `args.weights` (.npz)."""
+    import numpy as np
+
+    np.savez(args.weights, **{k: v.numpy() for k, v in _torch_model().state_dict().items()})
+    return {}
+
+
 def worker_segjax(args) -> dict:
     from segjax.xla_flags import setup_cpu
 
     setup_cpu()  # XLA:CPU preset + host-memory reuse, before the backend starts
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from segjax import models
     from segjax.convert import maskrcnn as conv
     from segjax.inference import MaskRCNNPredictor
 
-    tv = _torch_model()
-    params, meta, _ = conv.from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()},
-                                           model_kwargs={"min_size": SIZE, "max_size": max(1333, SIZE)})
-    del tv
+    with np.load(args.weights) as sd:
+        params, meta, _ = conv.from_state_dict(dict(sd), model_kwargs={"min_size": SIZE,
+                                                                        "max_size": max(1333, SIZE)})
     model = models.build(meta["model"], **meta["model_kwargs"])
     pred = MaskRCNNPredictor(model, params, meta)
     img = _image()
@@ -204,9 +221,12 @@ def worker_segjax(args) -> dict:
     res["infer_compile_s"] = time.perf_counter() - t
     res["infer_s"], res["infer_min_s"] = _time(lambda: pred(img), args.iters)
     res["num_detections"] = len(pred(img)["boxes"])
+    res["infer_peak_mb"] = _peak_mb()
+    pred = None  # torchvision trains the one model it ran: keep one copy of the weights
     if not args.skip_train:
         boxes, labels, masks = _targets(2)
         batch, state, step = segjax_train_step(model, params, [img, img[:, ::-1]], boxes, labels, masks, 0.02)
+        del params
         state = jax.block_until_ready(state)
 
         holder = {"s": state}
@@ -232,35 +252,40 @@ def main(argv=None) -> int:
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--size", type=int, default=800, help="square image side; the models' min_size too")
-    p.add_argument("--worker", choices=("segjax", "torch"))
+    p.add_argument("--worker", choices=("segjax", "torch", "weights"))
+    p.add_argument("--weights", help="(workers) the .npz state dict the weights worker writes")
     args = p.parse_args(argv)
     global SIZE
     SIZE = args.size
     if args.worker:
         load0 = os.getloadavg()[0]
-        res = (worker_segjax if args.worker == "segjax" else worker_torch)(args)
+        res = {"segjax": worker_segjax, "torch": worker_torch, "weights": worker_weights}[args.worker](args)
         res["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # other jobs on the machine
         print(_TAG + json.dumps(res), flush=True)
         return 0
     results = {}
-    for w in ("segjax",) + (() if args.skip_torch else ("torch",)):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", w, "--iters", str(args.iters),
-               "--size", str(args.size)]
-        cmd += ["--skip-train"] if args.skip_train else []
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith(_TAG)]
-        if out.returncode or not lines:
-            print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{w} worker failed (exit {out.returncode})")
-        results[w] = json.loads(lines[-1][len(_TAG):])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "maskrcnn_r50_fpn.npz")
+        for w in ("weights", "segjax") + (() if args.skip_torch else ("torch",)):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", w, "--iters", str(args.iters),
+                   "--size", str(args.size), "--weights", weights]
+            cmd += ["--skip-train"] if args.skip_train else []
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO, env=env)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith(_TAG)]
+            if out.returncode or not lines:
+                print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{w} worker failed (exit {out.returncode})")
+            if w != "weights":
+                results[w] = json.loads(lines[-1][len(_TAG):])
     print(f"Mask R-CNN R50-FPN, {SIZE}x{SIZE}, fp32, {os.cpu_count()} CPUs")
-    print(f"{'':10s} {'infer s':>9s} {'train s':>9s} {'compile s (inf/train)':>22s} {'peak MB':>9s} {'dets':>5s}"
-          f" {'load avg':>12s}")
+    print(f"{'':10s} {'infer s':>9s} {'train s':>9s} {'compile s (inf/train)':>22s} {'infer peak':>10s}"
+          f" {'peak MB':>9s} {'dets':>5s} {'load avg':>12s}")
     for w, r in results.items():
         comp = f"{r.get('infer_compile_s', float('nan')):.1f}/{r.get('train_compile_s', float('nan')):.1f}"
         print(f"{w:10s} {r['infer_s']:9.3f} {r.get('train_s', float('nan')):9.3f} "
-              f"{comp if w == 'segjax' else '-':>22s} {r['peak_mb']:9.0f} {r['num_detections']:5d}"
-              f" {r['loadavg_1min'][0]:5.1f}-{r['loadavg_1min'][1]:<5.1f}")
+              f"{comp if w == 'segjax' else '-':>22s} {r['infer_peak_mb']:10.0f} {r['peak_mb']:9.0f}"
+              f" {r['num_detections']:5d} {r['loadavg_1min'][0]:5.1f}-{r['loadavg_1min'][1]:<5.1f}")
     if "torch" in results:
         s, t = results["segjax"], results["torch"]
         print(f"ratio (torchvision / segjax): inference {t['infer_s'] / s['infer_s']:.2f}x"

@@ -228,24 +228,27 @@ def test_train_step_grads(tiny):
 
 
 def test_mask_head_buckets_are_exact(tiny):
-    """The train-time mask head runs on the smallest bucket holding the positives; the
-    loss and every gradient equal those of running it on all slots."""
+    """The train-time mask head runs on the smallest bucket holding the positives, or
+    a bucket in chunks of slots; the loss and every gradient equal those of running it
+    on all slots at once."""
     model, params, image, hw = tiny
     batch = _batch(image, hw)
 
     def run(m):
         return jax.jit(jax.value_and_grad(lambda p, b, r: mask_rcnn_loss(m, p, b, r), has_aux=True))(
             params, batch, jax.random.key(1))
-    (loss, met), grads = run(model)
     sp = model.box_batch_size_per_image // 4
-    (loss_all, met_all), grads_all = run(model.clone(mask_roi_buckets=(sp,)))
-    assert 0 < float(met["roi_num_pos"]) < 8  # bucket 8 of (8, 16, ..., 128) ran
-    assert float(met["loss_mask"]) > 0
-    np.testing.assert_allclose(float(loss), float(loss_all), rtol=1e-6)
-    for (path, g), g_all in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                                jax.tree_util.tree_leaves(grads_all)):
-        scale = max(float(jnp.abs(g_all).max()), 1e-12)
-        assert float(jnp.abs(g - g_all).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
+    (loss_all, met_all), grads_all = run(model.clone(mask_roi_buckets=(sp,), mask_roi_chunk=None))
+    assert 1 < float(met_all["roi_num_pos"]) < 8  # positives in several 1-slot chunks
+    assert float(met_all["loss_mask"]) > 0
+    # bucket 8 of (8, 16, ..., 128) ran; the 16 slots one at a time
+    for m in (model, model.clone(mask_roi_buckets=(sp,), mask_roi_chunk=1)):
+        (loss, met), grads = run(m)
+        np.testing.assert_allclose(float(loss), float(loss_all), rtol=1e-6)
+        for (path, g), g_all in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                                    jax.tree_util.tree_leaves(grads_all)):
+            scale = max(float(jnp.abs(g_all).max()), 1e-12)
+            assert float(jnp.abs(g - g_all).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
 
 
 def test_frozen_patterns():
@@ -278,7 +281,7 @@ def test_model_is_registered():
 
 
 @pytest.mark.parametrize("hw", [(11, 14), (37, 40)])  # patch matmul / per-tap slices (>= 256 outputs)
-@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3)])
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3), (2, 2, 0)])
 def test_conv2d_custom_vjp_matches_xla(k, stride, pad, hw):
     from segjax.models.maskrcnn.backbone import _conv_fwd_impl, conv2d
 

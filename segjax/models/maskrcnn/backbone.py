@@ -83,6 +83,12 @@ def _weight_grad_matmul(x, g, w_shape, stride, padding):
     slower on RoI batches, figures in benchmarks/README.md). Written as 2-D matmuls
     with the transpose on the stacked result: an einsum or a transposed dot lets XLA
     fold the transpose back into the dot's operands.
+
+    The taps run in a loop (`fori_loop`, one dynamic slice of the input per tap), so
+    that one slice, as large as x, is alive at a time: as unrolled static slices, XLA
+    computed all kh*kw of them as soon as x existed (in the forward pass) and kept them
+    until the backward one, kh*kw copies of every conv input of the network. Strided
+    taps read one phase of the input laid out as (N, H/s, s, W/s, s, C).
     """
     kh, kw, c, o = w_shape
     n, ho, wo, _ = g.shape
@@ -91,12 +97,21 @@ def _weight_grad_matmul(x, g, w_shape, stride, padding):
         if c < o:
             return jnp.stack([xs.T @ g.reshape(-1, o)]).reshape(1, 1, c, o)
         return jnp.stack([g.reshape(-1, o).T @ xs]).reshape(1, 1, o, c).transpose(0, 1, 3, 2)
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    s = stride
+    hp, wp = s * ((kh - 1) // s + ho), s * ((kw - 1) // s + wo)  # rows / cols the taps read, phase-aligned
+    # zero padding as the conv's, then extended or cropped (negative) to (hp, wp)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (padding, hp - x.shape[1] - padding, 0),
+                                                 (padding, wp - x.shape[2] - padding, 0), (0, 0, 0)))
+    xr = xp.reshape(n, hp // s, s, wp // s, s, c)  # (N, H/s, s, W/s, s, C)
     g_t = g.reshape(-1, o).T  # (O, N*Ho*Wo)
-    taps = [g_t @ jax.lax.slice(xp, (0, ky, kx, 0), (n, ky + (ho - 1) * stride + 1, kx + (wo - 1) * stride + 1, c),
-                                (1, stride, stride, 1)).reshape(-1, c)
-            for ky in range(kh) for kx in range(kw)]  # kh*kw x (O, C)
-    return jnp.stack(taps).reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
+
+    def tap(t, acc):  # tap t = (ky, kx): rows ky + s*i = phase ky % s, offset ky // s
+        ky, kx = t // kw, t % kw
+        xs = jax.lax.dynamic_slice(xr, (0, ky // s, ky % s, kx // s, kx % s, 0), (n, ho, 1, wo, 1, c))
+        return jax.lax.dynamic_update_index_in_dim(acc, g_t @ xs.reshape(-1, c), t, 0)
+
+    taps = jax.lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, o, c), jnp.result_type(g_t, xr)))
+    return taps.reshape(kh, kw, o, c).transpose(0, 1, 3, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

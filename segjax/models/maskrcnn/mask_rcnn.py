@@ -41,6 +41,7 @@ from segjax.models.maskrcnn.backbone import ResNetBody
 from segjax.models.maskrcnn.fpn import FPN
 from segjax.models.maskrcnn.roi_heads import (
     BOX_WEIGHTS,
+    MASK_CHUNK,
     RoIHeads,
     box_postprocess,
     bucketed_mask_loss,
@@ -141,6 +142,9 @@ class MaskRCNN(nn.Module):
     # train-time mask head: RoI counts per image it may run on (the smallest that holds
     # every image's positives is used; None: `mask_buckets`; the slot count is always added)
     mask_roi_buckets: Sequence[int] | None = None
+    # and the slots per image it runs at once in a larger bucket (bounds the activation
+    # memory; None: a bucket in one piece); see `bucketed_mask_loss`
+    mask_roi_chunk: int | None = MASK_CHUNK
     # input transform (used by the host code that prepares `image`)
     min_size: int = 800
     max_size: int = 1333
@@ -283,7 +287,7 @@ class MaskRCNN(nn.Module):
                                                 method=RoIHeads.mask)
         head_params = {n: self.roi_heads.variables["params"][n] for n in ("mask_head", "mask_predictor")}
         loss_mask = bucketed_mask_loss(mask_fn, head_params, feats, mask_rois, labels, matched,
-                                       s["mask_valid"], batch["masks"], buckets)
+                                       s["mask_valid"], batch["masks"], buckets, self.mask_roi_chunk)
         m_mask = {"loss_mask": loss_mask}
         metrics.update(m_mask)
         metrics["roi_num_pos"] = s["mask_valid"].sum() / s["valid"].shape[0]

@@ -36,6 +36,7 @@ from segjax.ops.nms import batched_nms
 from segjax.ops.roi_align import multiscale_roi_align, roi_align_weights
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+MASK_CHUNK = 32  # train-time mask head: slots per image run at once (`bucketed_mask_loss`)
 BBOX_CLIP = math.log(1000.0 / 16)
 
 
@@ -374,17 +375,26 @@ def maskrcnn_loss(mask_logits: jax.Array, rois: jax.Array, labels: jax.Array, ma
     mask_logits (B, R, 28, 28, C); rois (B, R, 4); labels, matched_idx (B, R); valid (B, R);
     gt_masks (B, M, H, W) -> (loss, {'loss_mask'}).
     """
+    loss = _mask_loss_sum(mask_logits, rois, labels, matched_idx, valid, gt_masks) / _count(valid)
+    return loss, {"loss_mask": loss}
+
+
+def _count(valid: jax.Array) -> jax.Array:
+    return jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+
+
+def _mask_loss_sum(mask_logits, rois, labels, matched_idx, valid, gt_masks) -> jax.Array:
+    """Sum over the valid RoIs of `maskrcnn_loss`'s per-RoI mean BCE (same arguments)."""
     size = mask_logits.shape[2]
     targets = jax.lax.stop_gradient(project_masks_on_boxes(gt_masks, rois, matched_idx, size))
     logits = jnp.take_along_axis(mask_logits, labels[:, :, None, None, None], axis=-1)[..., 0]
     per_roi = bce_with_logits(logits, targets).mean(axis=(-1, -2))
-    loss = jnp.sum(jnp.where(valid, per_roi, 0.0)) / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
-    return loss, {"loss_mask": loss}
+    return jnp.sum(jnp.where(valid, per_roi, 0.0))
 
 
 def bucketed_mask_loss(mask_fn: Callable[..., jax.Array], params: Any, feats: list[jax.Array], rois: jax.Array,
                        labels: jax.Array, matched_idx: jax.Array, valid: jax.Array, gt_masks: jax.Array,
-                       buckets: Sequence[int]) -> jax.Array:
+                       buckets: Sequence[int], chunk: int | None = MASK_CHUNK) -> jax.Array:
     """`maskrcnn_loss` of `mask_fn(params, feats, rois)` run on only the first k slots.
 
     The valid slots must come first in every image (`select_training_samples` puts the
@@ -398,6 +408,13 @@ def bucketed_mask_loss(mask_fn: Callable[..., jax.Array], params: Any, feats: li
     (one `jax.vjp` per bucket) and only scaled in the backward pass: differentiating
     through `lax.switch` would instead make every branch return zero-filled copies of
     the other branches' residuals (hundreds of MB for the largest bucket).
+
+    A bucket larger than `chunk` slots (a multiple of it) runs the head and its
+    gradient `chunk` slots per image at a time (`lax.scan`, summing the losses and
+    gradients), so that the activations alive at once are those of `chunk` slots:
+    XLA plans memory for every branch, and the largest bucket's 256 RoIs (2 images)
+    of 28x28x256 activations would otherwise set the train step's peak even when a
+    small bucket runs. None: every bucket in one piece.
 
     mask_fn(params, feats, rois (B, k, 4)) -> (B, k, h, w, C) logits; rois (B, R, 4);
     labels, matched_idx (B, R) int; valid (B, R) bool; gt_masks (B, M, H, W) -> () loss.
@@ -417,10 +434,24 @@ def bucketed_mask_loss(mask_fn: Callable[..., jax.Array], params: Any, feats: li
     def loss(params, feats, *_):
         return jax.lax.switch(index, [functools.partial(loss_k, k) for k in buckets], params, feats)
 
+    def chunk_loss(n, params, feats, r, lab, mi, v):  # the loss terms of some slots
+        return _mask_loss_sum(mask_fn(params, feats, r), r, lab, mi, v, gt_masks) / n
+
     def loss_fwd(params, feats, *_):
         def value_and_grads(k, params, feats):
-            value, vjp = jax.vjp(functools.partial(loss_k, k), params, feats)
-            return value, vjp(jnp.ones_like(value))
+            n = _count(valid[:, :k])
+            args = (rois[:, :k], labels[:, :k], matched_idx[:, :k], valid[:, :k])
+            if chunk is None or k <= chunk or k % chunk:
+                value, vjp = jax.vjp(lambda p, f: chunk_loss(n, p, f, *args), params, feats)
+                return value, vjp(jnp.ones_like(value))
+
+            def step(acc, xs):  # one chunk of slots of every image: its loss and gradients
+                value, vjp = jax.vjp(lambda p, f: chunk_loss(n, p, f, *xs), params, feats)
+                return jax.tree_util.tree_map(jnp.add, acc, (value, vjp(jnp.ones_like(value)))), None
+
+            split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], k // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, (n, (params, feats)))
+            return jax.lax.scan(step, zeros, tuple(split(a) for a in args))[0]
         return jax.lax.switch(index, [functools.partial(value_and_grads, k) for k in buckets], params, feats)
 
     def loss_bwd(grads, g):
