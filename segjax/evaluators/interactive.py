@@ -40,6 +40,7 @@ static shapes (T tokens, one program per multimask flag).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -180,6 +181,28 @@ def box_prompts(gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boxes.reshape(-1, 2, 2), np.tile(np.array([[BOX_TL, BOX_BR]], np.int32), (len(gt), 1))
 
 
+@functools.lru_cache(maxsize=8)
+def _programs(model) -> tuple[Callable, Callable]:
+    """The jitted encoder and decoder of a model (cached: an evaluation during training
+    compiles them once per run, not once per evaluation)."""
+
+    def embed(params, images, input_hw):
+        return model.apply({"params": params}, images, input_hw, method="embed_image")
+
+    def decode(params, features, coords, labels, mask_input, has_mask, multimask):
+        out = model.apply({"params": params}, features, coords[None], labels[None],
+                          mask_input=mask_input[None, ..., None], has_mask=has_mask[None],
+                          multimask_output=multimask, method="predict_masks")
+        low, iou = out["low_res_logits"][0], out["iou_predictions"][0]  # (P, K, lh, lw), (P, K)
+        k = jnp.argmax(iou, axis=-1)  # the highest predicted IoU (K = 1: the single mask)
+        low = jnp.take_along_axis(low, k[:, None, None, None], axis=1)[:, 0]  # (P, lh, lw)
+        iou = jnp.take_along_axis(iou, k[:, None], axis=1)[:, 0]
+        s = model.img_size
+        return upscale_masks(low, s, (s, s), (s, s)) > 0.0, low, iou  # masks (P, S, S)
+
+    return jax.jit(embed), jax.jit(decode, static_argnames=("multimask",))
+
+
 class SamDecoder:
     """`Decode` for a SAM model: embeds an image once (`set_image`), then decodes prompts.
 
@@ -193,21 +216,9 @@ class SamDecoder:
             params = params["params"]
         self.model, self.params = model, params
         self.img_size = int(model.img_size)
-        self._embed = jax.jit(lambda prm, im, hw: model.apply({"params": prm}, im, hw, method="embed_image"))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("multimask",))
+        self._embed, self._decode = _programs(model)
         self.features = None
         self.hw = (0, 0)
-
-    def _decode_impl(self, params, features, coords, labels, mask_input, has_mask, multimask):
-        out = self.model.apply({"params": params}, features, coords[None], labels[None],
-                               mask_input=mask_input[None, ..., None], has_mask=has_mask[None],
-                               multimask_output=multimask, method="predict_masks")
-        low, iou = out["low_res_logits"][0], out["iou_predictions"][0]  # (P, K, lh, lw), (P, K)
-        k = jnp.argmax(iou, axis=-1)  # the highest predicted IoU (K = 1: the single mask)
-        low = jnp.take_along_axis(low, k[:, None, None, None], axis=1)[:, 0]  # (P, lh, lw)
-        iou = jnp.take_along_axis(iou, k[:, None], axis=1)[:, 0]
-        s = self.img_size
-        return upscale_masks(low, s, (s, s), (s, s)) > 0.0, low, iou  # masks (P, S, S)
 
     def set_image(self, image: np.ndarray, image_hw: Sequence[int]) -> None:
         """image: (S, S, 3) float32 0..255 padded; image_hw: the resized (h, w)."""
