@@ -2,8 +2,8 @@
 
 Key: sha256 of the checkpoint identity and the decoded pixels (shape + bytes), so a
 renamed or re-saved copy of the same picture hits the cache and another checkpoint
-never does. One `.npz` per image (features (1, h, w, C) float32, original and input
-sizes), written atomically; a few embeddings are also kept in memory (LRU).
+never does. One `.npz` per image (features (1, h, w, C) widened to float32 with their
+dtype's name, original and input sizes), written atomically; a few embeddings are also kept in memory (LRU).
 `CachingSamPredictor.embed_images` goes through the cache, so the automatic mask
 generator (which embeds the image itself) reuses it as well.
 """
@@ -63,7 +63,8 @@ class EmbeddingCache:
                 return self._memory[key]
         try:
             with np.load(self._file(key)) as z:
-                image = SamImage(jax.device_put(z["features"]), tuple(int(v) for v in z["original_size"]),
+                features = jax.device_put(z["features"]).astype(str(z["dtype"]))  # exact: stored widened
+                image = SamImage(features, tuple(int(v) for v in z["original_size"]),
                                  tuple(int(v) for v in z["input_size"]))
         except (OSError, KeyError, ValueError):  # absent or a damaged file: embed again
             return None
@@ -77,7 +78,7 @@ class EmbeddingCache:
         fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, features=np.asarray(image.features, np.float32),
+                np.savez(f, features=np.asarray(image.features, np.float32), dtype=str(image.features.dtype),
                          original_size=np.asarray(image.original_size), input_size=np.asarray(image.input_size))
             os.replace(tmp, path)
         except BaseException:

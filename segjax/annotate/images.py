@@ -67,7 +67,7 @@ class ImageFolder:
         return path
 
     def size(self, name: str) -> tuple[int, int]:
-        """(H, W) from the file header (no decoding); (0, 0) if unreadable."""
+        """(H, W) from the file header (no decoding); ValueError if it is not an image."""
         with self._lock:
             if name not in self._sizes:
                 try:
@@ -76,6 +76,8 @@ class ImageFolder:
                 except OSError:
                     h = w = 0
                 self._sizes[name] = (h, w)
+            if self._sizes[name] == (0, 0):
+                raise ValueError(f"cannot read image {name!r}")
             return self._sizes[name]
 
     def read(self, name: str) -> np.ndarray:

@@ -253,7 +253,10 @@ def create_app(seg: Segmenter, max_body_bytes: int = MAX_BODY_BYTES,
         progress = store.progress()
         rows = []
         for name in folder.names:
-            h, w = folder.size(name)
+            try:
+                h, w = folder.size(name)
+            except ValueError:  # listed, refused when opened (with the decoder's message)
+                h = w = 0
             p = progress.get(name, {"annotations": 0, "done": False})
             rows.append({"name": name, "height": h, "width": w, **p})
         return {"images": rows, "categories": store.categories(), "out": store.path}
@@ -332,7 +335,7 @@ def create_app(seg: Segmenter, max_body_bytes: int = MAX_BODY_BYTES,
 
     @app.post("/api/done")
     def done(body: DoneBody):
-        store.set_done(body.image, folder.size(body.image), body.done)
+        store.set_done(body.image, folder.read(body.image).shape[:2], body.done)  # decodes: no corrupt files
         return {"image": body.image, "done": body.done}
 
     @app.get("/api/export")

@@ -55,3 +55,22 @@ def test_detector_proposals_accept_and_references(folder, tmp_path):
     np.testing.assert_array_equal(seg.mask_prompt("s", "a.png", {"annotation": ann["id"]}), np.ones((64, 64)))
     with pytest.raises(UnknownReference, match="another image"):
         seg.mask_prompt("s", "b.png", {"annotation": ann["id"]})
+
+
+def test_embedding_cache_round_trip(tmp_path):
+    import jax.numpy as jnp
+
+    from segjax.annotate.embedding_cache import EmbeddingCache, image_key
+    from segjax.inference.sam.predictor import SamImage
+
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    key = image_key(image, "ckpt-a")
+    assert key != image_key(image, "ckpt-b") and key != image_key(image.reshape(3, 2, 3), "ckpt-a")
+    feats = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 4, 8)), jnp.bfloat16)
+    EmbeddingCache(tmp_path).put(key, SamImage(feats, (2, 3), (16, 24)))
+    got = EmbeddingCache(tmp_path).get(key)  # a new cache object: read from disk
+    assert got.features.dtype == jnp.bfloat16 and (got.original_size, got.input_size) == ((2, 3), (16, 24))
+    np.testing.assert_array_equal(np.asarray(got.features, np.float32), np.asarray(feats, np.float32))
+    path = tmp_path / key[:2] / (key + ".npz")
+    path.write_bytes(b"damaged")
+    assert EmbeddingCache(tmp_path).get(key) is None  # embedded again, not an error

@@ -24,6 +24,9 @@ def _predict(server, session, image="a.png", points=((CENTER[0], CENTER[1]),), l
 def test_hostile_requests_get_4xx_with_a_message(workspace, start_server, tmp_path):
     (tmp_path / "secret.png").write_bytes(b"not for you")
     os.symlink(tmp_path / "secret.png", os.path.join(workspace["images"], "escape.png"))
+    broken = os.path.join(workspace["images"], "broken.png")
+    with open(os.path.join(workspace["images"], "a.png"), "rb") as f:
+        open(broken, "wb").write(f.read()[:200])  # a truncated PNG
     try:
         server = start_server(workspace, tmp_path / "out.json")
         s = "hostile"
@@ -34,6 +37,9 @@ def test_hostile_requests_get_4xx_with_a_message(workspace, start_server, tmp_pa
             "absolute": ("GET", "/api/image?name=/etc/passwd", None, None, 404),
             "symlink_escape": ("GET", "/api/image?name=escape.png", None, None, 404),
             "unknown_image": ("POST", "/api/embed", {"image": "nope.png"}, None, 404),
+            "corrupt_image": ("POST", "/api/embed", {"image": "broken.png"}, None, 400),
+            "corrupt_image_done": ("POST", "/api/done", {"image": "broken.png"}, None, 400),
+            "corrupt_image_predict": ("POST", "/api/predict", {**good, "image": "broken.png"}, None, 400),
             "traversal_in_body": ("POST", "/api/predict", {**good, "image": "../../etc/passwd"}, None, 404),
             "malformed_json": ("POST", "/api/predict", None, b'{"session": "x", "image": ', 422),
             "not_an_object": ("POST", "/api/predict", None, b"[1, 2, 3]", 422),
@@ -79,6 +85,7 @@ def test_hostile_requests_get_4xx_with_a_message(workspace, start_server, tmp_pa
         assert not os.path.exists(tmp_path / "out.json") or json.load(open(tmp_path / "out.json"))["annotations"] == []
     finally:
         os.unlink(os.path.join(workspace["images"], "escape.png"))
+        os.unlink(broken)
 
 
 def test_kill_between_accepts_keeps_every_mask_and_resumes(workspace, start_server, tmp_path):
