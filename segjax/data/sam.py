@@ -344,8 +344,12 @@ def make_loader(config, split: str, process_index: int, process_count: int, trai
 
 
 def iterate_examples(batches: Iterable[Batch], valid_key: str = "example_valid") -> Iterable[Batch]:
-    """Eval batches -> per-image dicts (rows whose `valid_key` is False are left out)."""
+    """Eval batches -> per-image dicts (rows whose `valid_key` is False are left out);
+    per-image dicts (an (S, S, 3) image) pass through."""
     for batch in batches:
+        if np.ndim(batch["image"]) == 3:
+            yield batch
+            continue
         for i in range(len(batch["image"])):
             if valid_key in batch and not bool(batch[valid_key][i]):
                 continue

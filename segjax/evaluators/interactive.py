@@ -50,7 +50,7 @@ import numpy as np
 from PIL import ImageDraw
 from scipy.ndimage import distance_transform_edt
 
-from segjax.data.sam import tight_box
+from segjax.data.sam import iterate_examples, tight_box
 from segjax.evaluators.visualize import side_by_side
 from segjax.inference.sam.cli import overlay
 from segjax.inference.sam.postprocess import upscale_masks
@@ -309,17 +309,6 @@ def draw_example(image: np.ndarray, gt: np.ndarray, clicks: Sequence[Click], rou
     return side_by_side(tiles)
 
 
-def _examples(examples: Iterable[dict]) -> Iterable[dict]:
-    """Per-image dicts from per-image dicts or eval batches (rows with example_valid False dropped)."""
-    for ex in examples:
-        if np.ndim(ex["image"]) == 3:
-            yield ex
-            continue
-        for i in range(len(ex["image"])):
-            if "example_valid" not in ex or bool(ex["example_valid"][i]):
-                yield {k: v[i] for k, v in ex.items()}
-
-
 def collect(decoder, examples: Iterable[dict], *, max_clicks: int = 20, iou_thresholds=(0.85, 0.90),
             report_clicks=(1, 3, 5), num_draw: int = 4):
     """Runs the protocol over `examples` with `decoder` (a `SamDecoder`, or any object with
@@ -336,7 +325,7 @@ def collect(decoder, examples: Iterable[dict], *, max_clicks: int = 20, iou_thre
     report_clicks = tuple(k for k in report_clicks if k <= max_clicks)
     all_ious, all_box, pictures = [], [], []
     skipped = 0
-    for ex in _examples(examples):
+    for ex in iterate_examples(examples):
         h, w = (int(v) for v in np.asarray(ex["image_hw"]).reshape(2))
         masks = np.asarray(ex["masks"], bool)[:, :h, :w]
         valid = np.asarray(ex.get("valid", np.ones(len(masks), bool)), bool).reshape(-1)
