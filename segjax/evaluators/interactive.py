@@ -320,7 +320,7 @@ def collect(decoder, examples: Iterable[dict], *, max_clicks: int = 20, iou_thre
 
     Returns:
       ious (N, C), box_ious (N,), num_skipped (empty or padding masks are not counted),
-      pictures (list of (H', W', 3) uint8, one per drawn mask, at most num_draw).
+      pictures (list of (H', W', 3) uint8: the first mask of each of the first num_draw images).
     """
     report_clicks = tuple(k for k in report_clicks if k <= max_clicks)
     all_ious, all_box, pictures = [], [], []
@@ -335,7 +335,7 @@ def collect(decoder, examples: Iterable[dict], *, max_clicks: int = 20, iou_thre
         if not len(gt):
             continue
         decoder.set_image(ex["image"], (h, w))
-        draw = max(0, min(num_draw - len(pictures), len(gt)))
+        draw = int(len(pictures) < num_draw)  # the first mask of each image, for variety
         ious, clicks, kept = simulate_clicks(decoder, gt, max_clicks=max_clicks, stop_iou=max(iou_thresholds),
                                              min_clicks=max(report_clicks, default=1), keep_rounds=report_clicks,
                                              keep_masks=draw)
@@ -364,7 +364,7 @@ def evaluate_interactive(model, params, examples: Iterable[dict], *, max_clicks:
       model: a `segjax.models.sam.Sam`; params: its parameters ({"params": ...} or the inner dict).
       examples: per-image dicts or eval batches from `segjax.data.sam.make_loader(..., train=False)`.
       max_clicks: C (NoC cap); iou_thresholds: NoC targets; report_clicks: the k of mIoU@k;
-      num_draw: pictures of the first num_draw masks.
+      num_draw: pictures of the first mask of the first num_draw images.
 
     Returns:
       (metrics: `summarize`'s dict, pictures: list of (H', W', 3) uint8 strips).

@@ -89,14 +89,15 @@ def _gts():
 def test_perfect_predictor():
     gt = _gts()
     fake = Fake(gt, lambda g, c, lab, n: g)
-    ious, box, skipped, pictures = interactive.collect(fake, [_example(gt)], num_draw=2)
+    ious, box, skipped, pictures = interactive.collect(fake, [_example(gt)] * 3, num_draw=2)
     metrics = interactive.summarize(ious, box, num_skipped=skipped)
     assert metrics["miou@1"] == metrics["miou@5"] == metrics["miou_box"] == 1.0
     assert metrics["noc@85"] == metrics["noc@90"] == 1.0 and metrics["nof@90"] == 0.0
-    assert metrics["num_masks"] == 3 and skipped == 0
-    # Stops once every mask has 5 clicks' worth of rounds at IoU >= 0.9 (perfect masks add
-    # no clicks), then one box round.
-    assert len(fake.calls) == 5 + 1
+    assert metrics["num_masks"] == 9 and skipped == 0
+    # Per image: stops once every mask has 5 clicks' worth of rounds at IoU >= 0.9 (perfect
+    # masks add no clicks), then one box round.
+    assert len(fake.calls) == 3 * (5 + 1)
+    # The first mask of each of the first num_draw images.
     assert len(pictures) == 2 and pictures[0].dtype == np.uint8 and pictures[0].shape[-1] == 3
 
 
