@@ -327,7 +327,11 @@ def create_app(seg: Segmenter, max_body_bytes: int = MAX_BODY_BYTES,
     def history(which: str):
         def step():
             out = getattr(store, which)()
-            return error(404, f"nothing to {which}") if out is None else out
+            if out is None:
+                return error(404, f"nothing to {which}")
+            if out["op"] == "update":  # the stored logits belong to the other version of the mask
+                seg.save_logits(out["annotation"]["id"], None)
+            return out
         app.post(f"/api/{which}", name=which)(step)
 
     history("undo")

@@ -149,6 +149,8 @@ def test_kill_between_accepts_keeps_every_mask_and_resumes(workspace, start_serv
     assert server.call("POST", "/api/undo")[0] == 200  # the edit
     data = json.loads(out.read_text())
     assert [a["id"] for a in data["annotations"]] == [1, 2, 3]
+    logits = {p.name for p in (tmp_path / ".segjax_annotate_cache" / "logits").glob("*/*.npy")}
+    assert logits == {"2.npy", "3.npy"}  # 1's logits were the undone edit's: dropped
     assert data["annotations"][0]["segmentation"] == a1["segmentation"]
     assert server.call("POST", "/api/redo")[0] == 200
     status, exported = server.call("GET", "/api/export")
