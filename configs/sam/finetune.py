@@ -61,7 +61,7 @@ def get_config(arg=None):
         c.model.kwargs["encoder_drop_path_rate"] = 0.1
         c.model.kwargs["encoder_remat"] = True
         c.optim.lr = 8e-4
-        c.optim.layer_decay = 0.6
+        c.optim.layer_decay = 0.6  # the paper's ViT-B value
         c.total_steps = 20000
         c.optim.decay_steps = decay_at(c.total_steps)
     if arg.runlocal:

@@ -45,7 +45,7 @@ def get_config(arg=None):
     c.log_every = 100
     c.checkpoint.save_every = 2_000
     shapes.mae_init(c)
-    c.optim.layer_decay = 0.6  # the paper's ViT-B value (mae_init sets the tiny model's 0.8)
+    c.optim.layer_decay = 0.6  # the paper's ViT-B value
     c.init_from.path = ""  # a converted MAE ViT-B/16 (mae_pretrain_vit_base.pth)
     if arg.runlocal:
         local = shapes.get_config("runlocal")

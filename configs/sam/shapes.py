@@ -61,10 +61,10 @@ def mae_init(c) -> None:
     """The image encoder's ViT from an MAE checkpoint (`init_from.path`) through the
     declared `mae_to_sam_encoder` mapping (segjax/convert/init_maps.py: position table
     resized, class token dropped); the rest (relative position tables, neck, prompt
-    encoder, mask decoder) from scratch. The encoder gets layer-wise lr decay as in MAE
-    fine-tuning."""
+    encoder, mask decoder) from scratch. The recipe stays the one of random init (the
+    comparison in the README changes only the initialisation); the ViT-B configs add
+    layer-wise lr decay."""
     c.init_from.mapping = "mae_to_sam_encoder"
     c.init_from.allow_missing = (r"^image_encoder/neck_", r"/rel_pos_[hw]$", r"^prompt_encoder/",
                                  r"^mask_decoder/")
     c.init_from.allow_unexpected = (r"^decoder_", r"^mask_token$", r"^norm/", r"^cls_token$")
-    c.optim.layer_decay = 0.8
