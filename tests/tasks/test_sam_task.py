@@ -68,6 +68,7 @@ def test_train_eval_predictor_and_official_export(data_dir, tmp_path):
     from segjax.inference.sam import SamPredictor
 
     c = _config(data_dir)
+    c.sam.num_rounds, c.sam.num_no_point_rounds = 3, 1  # the smoke run: a shorter rollout
     workdir = str(tmp_path / "wd")
     metrics = train_loop.train(c, workdir)
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
@@ -108,6 +109,7 @@ def _run(config, mesh, batches):
     return jax.device_get(state["params"]), metrics, tr
 
 
+@pytest.mark.slow  # two compilations of the full train step
 def test_data_and_fsdp_sharded_step_equals_one_device(data_dir):
     c = _config(data_dir)
     loader = sam_task.make_loader(c, "train", 0, 1)
@@ -146,6 +148,7 @@ def test_train_step_lowers_for_tpu_and_cuda(data_dir, dtype):
     assert ("bf16" in exp.mlir_module()) == (dtype == "bfloat16")
 
 
+@pytest.mark.slow  # two compilations of the full train step
 def test_decoder_only_step_on_cached_embeddings(data_dir, tmp_path):
     """The cached step equals the full step with the encoder frozen; the encoder runs
     once per image; its params never move."""
