@@ -227,6 +227,16 @@ def test_train_step_grads(tiny):
     assert np.asarray(flat["backbone/body/conv1/kernel"]).any()  # tiny: trainable_layers=5
 
 
+def test_backbone_remat_keeps_loss_and_grads(tiny):
+    model, params, image, hw = tiny
+    batch = _batch(image, hw)
+    outs = [jax.jit(jax.value_and_grad(lambda p, b, r, m=m: mask_rcnn_loss(m, p, b, r)[0]))(
+        params, batch, jax.random.key(1)) for m in (model, model.clone(backbone_remat=True))]
+    np.testing.assert_allclose(float(outs[1][0]), float(outs[0][0]), rtol=1e-6)
+    for g, g_ref in zip(jax.tree_util.tree_leaves(outs[1][1]), jax.tree_util.tree_leaves(outs[0][1])):
+        assert float(jnp.abs(g - g_ref).max()) <= 1e-5 * max(float(jnp.abs(g_ref).max()), 1e-12)
+
+
 def test_mask_head_buckets_are_exact(tiny):
     """The train-time mask head runs on the smallest bucket holding the positives, or
     a bucket in chunks of slots; the loss and every gradient equal those of running it

@@ -221,6 +221,8 @@ class ResNetBody(nn.Module):
     trainable_layers: stages trained counting from the last (torchvision default 3);
       the frozen prefix runs under `stop_gradient` so no backward is spent on it
       (its params must also be frozen in the optimizer: `frozen_patterns`).
+    remat: recompute each trained block's inside in the backward pass
+      (`nn.remat`): only block inputs are kept for it, at the cost of a second forward.
     """
 
     depths: Sequence[int] = (3, 4, 6, 3)
@@ -229,6 +231,7 @@ class ResNetBody(nn.Module):
     bn_eps: float = 0.0
     trainable_layers: int = 3
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -241,8 +244,9 @@ class ResNetBody(nn.Module):
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf like torch
         outs = []
         for i, (depth, planes) in enumerate(zip(self.depths, (64, 128, 256, 512))):
+            block = nn.remat(Bottleneck) if self.remat and 4 - i <= self.trainable_layers else Bottleneck
             for j in range(depth):
-                x = Bottleneck(planes, stride=(1 if i == 0 else 2) if j == 0 else 1,
+                x = block(planes, stride=(1 if i == 0 else 2) if j == 0 else 1,
                                width=planes * self.width_per_group // 64, downsample=j == 0,
                                bn_eps=self.bn_eps, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x)
             if 4 - i > self.trainable_layers:  # stage i+1 is frozen, and so is all before it

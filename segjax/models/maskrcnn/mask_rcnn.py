@@ -70,11 +70,12 @@ class BackboneWithFPN(nn.Module):
     fpn_norm: bool = False
     fpn_bn_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # ResNetBody.remat
 
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         feats = ResNetBody(self.depths, self.stem_width, self.width_per_group, self.bn_eps,
-                           self.trainable_layers, self.dtype, name="body")(x)
+                           self.trainable_layers, self.dtype, self.remat, name="body")(x)
         return FPN(self.fpn_channels, self.fpn_norm, self.fpn_bn_eps, self.dtype, name="fpn")(feats)
 
 
@@ -105,6 +106,7 @@ class MaskRCNN(nn.Module):
     width_per_group: int = 64
     bn_eps: float = 0.0  # legacy COCO weights: 0; v2 / fresh torchvision models: 1e-5
     trainable_layers: int = 3
+    backbone_remat: bool = False  # recompute the trained ResNet blocks in the backward pass
     fpn_channels: int = 256
     head_norm: bool = False  # v2: BatchNorm in FPN, box and mask heads
     head_bn_eps: float = 1e-5
@@ -163,7 +165,7 @@ class MaskRCNN(nn.Module):
         elif self.backbone_type == "resnet_fpn":
             self.backbone = BackboneWithFPN(self.depths, self.stem_width, self.width_per_group, self.bn_eps,
                                             self.trainable_layers, self.fpn_channels, self.head_norm,
-                                            self.head_bn_eps, self.dtype)
+                                            self.head_bn_eps, self.dtype, self.backbone_remat)
         else:
             raise ValueError(f"backbone_type must be 'resnet_fpn' or 'vitdet', got {self.backbone_type!r}")
         # the RPN loss reaches at most rpn_batch_size_per_image anchors (so positions) per image
