@@ -61,3 +61,15 @@ def sam_config(model: str, img_size: int, max_masks: int, **model_kwargs) -> ml_
 def decay_at(total_steps: int) -> tuple[int, int]:
     """The paper's step-decay boundaries (60k and 86,666 of 90k) scaled to a run."""
     return (round(total_steps * 2 / 3), round(total_steps * 26 / 27))
+
+
+def set_schedule(c, total_steps: int, warmup_steps: int, eval_every: int, save_every: int,
+                 log_every: int) -> None:
+    """A run's length: the step decay at `decay_at(total_steps)` after the warmup, and
+    how often it evaluates, saves and logs."""
+    c.total_steps = total_steps
+    c.optim.warmup_steps = warmup_steps
+    c.optim.decay_steps = decay_at(total_steps)
+    c.eval_every = eval_every
+    c.checkpoint.save_every = save_every
+    c.log_every = log_every

@@ -24,7 +24,7 @@ instances_train2017.json (and val), every instance a class-agnostic mask; set
 
 from configs.common import parse_arg
 from configs.sam import shapes
-from configs.sam.base import decay_at, sam_config
+from configs.sam.base import sam_config, set_schedule
 
 
 def get_config(arg=None):
@@ -36,13 +36,8 @@ def get_config(arg=None):
                      "val": ("{root}/val2017", "{root}/annotations/instances_val2017.json")}
     c.batch_size = 8
     c.eval_batch_size = 1
-    c.total_steps = 3000
-    c.optim.warmup_steps = 250
-    c.optim.decay_steps = decay_at(c.total_steps)
     c.eval.max_images = 200
-    c.eval_every = 1000
-    c.log_every = 20
-    c.checkpoint.save_every = 500
+    set_schedule(c, total_steps=3000, warmup_steps=250, eval_every=1000, save_every=500, log_every=20)
     c.init_from.path = "workdirs/sam_vit_b"  # a converted official SAM (see above)
     if arg.variant == "full":
         c.model.kwargs["encoder_drop_path_rate"] = 0.1
@@ -62,13 +57,7 @@ def get_config(arg=None):
         c.model.kwargs["encoder_remat"] = True
         c.optim.lr = 8e-4
         c.optim.layer_decay = 0.6  # the paper's ViT-B value
-        c.total_steps = 20000
-        c.optim.decay_steps = decay_at(c.total_steps)
+        set_schedule(c, total_steps=20000, warmup_steps=250, eval_every=2000, save_every=1000, log_every=20)
     if arg.runlocal:
-        local = shapes.get_config("runlocal")
-        for key in ("model", "data", "batch_size", "eval_batch_size", "total_steps", "eval", "eval_every",
-                    "log_every", "checkpoint"):
-            c[key] = local[key]
-        c.optim.warmup_steps = 5
-        c.optim.decay_steps = decay_at(c.total_steps)
+        shapes.run_locally(c)
     return c

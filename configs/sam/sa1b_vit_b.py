@@ -22,7 +22,7 @@ generated shapes data.
 
 from configs.common import parse_arg
 from configs.sam import shapes
-from configs.sam.base import decay_at, sam_config
+from configs.sam.base import sam_config, set_schedule
 
 
 def get_config(arg=None):
@@ -36,24 +36,14 @@ def get_config(arg=None):
     c.mesh = {"data": -1, "fsdp": 8, "model": 1}
     c.batch_size = 128
     c.eval_batch_size = 8
-    c.total_steps = 180_000
     c.optim.lr = 8e-4
-    c.optim.warmup_steps = 250
-    c.optim.decay_steps = decay_at(c.total_steps)
     c.eval.max_images = 500
-    c.eval_every = 10_000
-    c.log_every = 100
-    c.checkpoint.save_every = 2_000
+    set_schedule(c, total_steps=180_000, warmup_steps=250, eval_every=10_000, save_every=2_000, log_every=100)
     shapes.mae_init(c)
     c.optim.layer_decay = 0.6  # the paper's ViT-B value
     c.init_from.path = ""  # a converted MAE ViT-B/16 (mae_pretrain_vit_base.pth)
     if arg.runlocal:
-        local = shapes.get_config("runlocal")
-        for key in ("model", "data", "batch_size", "eval_batch_size", "total_steps", "eval", "eval_every",
-                    "log_every", "checkpoint"):
-            c[key] = local[key]
-        c.model.kwargs = dict(local.model.kwargs, encoder_drop_path_rate=0.1, encoder_remat=True)
+        shapes.run_locally(c)
+        c.model.kwargs = dict(c.model.kwargs, encoder_drop_path_rate=0.1, encoder_remat=True)
         c.mesh = {"data": -1, "fsdp": 1, "model": 1}
-        c.optim.warmup_steps = 5
-        c.optim.decay_steps = decay_at(c.total_steps)
     return c

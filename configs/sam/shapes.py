@@ -18,7 +18,7 @@ smoke run. The recorded numbers (random vs MAE init) are in the README.
 """
 
 from configs.common import parse_arg
-from configs.sam.base import decay_at, sam_config
+from configs.sam.base import sam_config, set_schedule
 
 SHAPES = {"image_size": 128, "num_train": 2000, "num_val": 200, "max_objects": 4, "seed": 0}
 # sam_vit_tiny at 128 px (the position table for an 8 x 8 grid, windows of 4) with the
@@ -33,28 +33,28 @@ def get_config(arg=None):
     c.data.shapes = dict(SHAPES)
     c.batch_size = 8
     c.eval_batch_size = 8
-    c.total_steps = 400
     c.optim.lr = 1e-3
-    c.optim.warmup_steps = 50
-    c.optim.decay_steps = decay_at(c.total_steps)
     c.optim.grad_clip_norm = 1.0
     c.eval.max_images = 100
-    c.eval_every = 200
-    c.log_every = 20
-    c.checkpoint.save_every = 200
+    set_schedule(c, total_steps=400, warmup_steps=50, eval_every=200, save_every=200, log_every=20)
     if arg.variant == "mae_init":
         mae_init(c)
         c.init_from.path = "workdirs/mae_shapes"
     if arg.runlocal:
         c.data.shapes = {**SHAPES, "num_train": 64, "num_val": 16}
-        c.total_steps = 20
-        c.optim.warmup_steps = 5
-        c.optim.decay_steps = decay_at(c.total_steps)
         c.eval.max_images = 8
-        c.eval_every = 20
-        c.checkpoint.save_every = 10
-        c.log_every = 5
+        set_schedule(c, total_steps=20, warmup_steps=5, eval_every=20, save_every=10, log_every=5)
     return c
+
+
+def run_locally(c) -> None:
+    """`:runlocal` of the big configs: this file's tiny model, data and short run."""
+    local = get_config("runlocal")
+    for key in ("model", "data", "batch_size", "eval_batch_size", "total_steps", "eval", "eval_every",
+                "log_every", "checkpoint"):
+        c[key] = local[key]
+    c.optim.warmup_steps = local.optim.warmup_steps
+    c.optim.decay_steps = local.optim.decay_steps
 
 
 def mae_init(c) -> None:
