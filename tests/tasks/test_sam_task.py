@@ -98,9 +98,10 @@ def test_train_eval_predictor_and_official_export(data_dir, tmp_path):
     official.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
 
 
-def _run(config, mesh, batches):
+def _run(config, mesh, batches, params=None):
+    """Steps over `batches` from init (or `params`): (final params, per-step metrics, trainer)."""
     tr = train_loop.Trainer(config, mesh=mesh)
-    state = tr.init_state()
+    state = tr.init_state() if params is None else tr.state_from_params(params)
     metrics = []
     for b in batches:
         with tr.mesh:
@@ -172,19 +173,9 @@ def test_decoder_only_step_on_cached_embeddings(data_dir, tmp_path):
     assert loader.cache.num_computed == 16
     assert len(os.listdir(os.path.join(tmp_path / "cache", loader.cache.key))) == 16
 
-    def steps(config, ld):
-        tr = train_loop.Trainer(config, mesh=_one_device())
-        state = tr.state_from_params(init)
-        out = []
-        for s in range(2):
-            with tr.mesh:
-                state, m = tr.train_step(state, tr.put_batch(ld.get_batch(s)))
-            out.append(float(m["loss"]))
-        return out, jax.device_get(state["params"])
-
-    got, params = steps(cached, loader)
-    want, _ = steps(c, full_loader)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    params, got, _ = _run(cached, _one_device(), [loader.get_batch(s) for s in range(2)], init)
+    _, want, _ = _run(c, _one_device(), [full_loader.get_batch(s) for s in range(2)], init)
+    np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in want], rtol=1e-5)
     enc = checkpoint.flatten_paths(params["image_encoder"])
     for path, v in checkpoint.flatten_paths(init["image_encoder"]).items():
         np.testing.assert_array_equal(enc[path], v, err_msg=path)
@@ -262,8 +253,8 @@ def test_sigkill_then_resume_is_bit_exact(data_dir, tmp_path):
                              timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-    a, meta_a = checkpoint.load_params(tmp_path / "ref")
-    b, meta_b = checkpoint.load_params(work)
-    assert meta_a["step"] == meta_b["step"] == steps
-    for (path, x), y in zip(checkpoint.flatten_paths(a).items(), checkpoint.flatten_paths(b).values()):
-        np.testing.assert_array_equal(x, y, err_msg=path)  # bit-identical
+    (want, want_meta), (got, got_meta) = (checkpoint.load_params(w) for w in (tmp_path / "ref", work))
+    assert want_meta["step"] == got_meta["step"] == steps
+    got = checkpoint.flatten_paths(got)
+    for path, value in checkpoint.flatten_paths(want).items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)  # bit-identical
