@@ -163,9 +163,9 @@ def main(argv=None) -> int:
                str(args.size), "--batch", str(args.batch), "--reps", str(args.reps), "--dtype", args.dtype,
                "--peak-n", str(args.peak_n)] + (["--remat"] if args.remat else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
+        if proc.returncode:  # e.g. killed for memory (-9): report it, go on with the other parts
+            print(f"{part}: worker exited with {proc.returncode}\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
         res[part] = json.loads(proc.stdout.strip().splitlines()[-1])
     peak = res.get("matmul", {}).get("gflops", float("nan"))
     print(f"{args.model} {args.size}x{args.size} batch {args.batch} {args.dtype}{' remat' if args.remat else ''}; "

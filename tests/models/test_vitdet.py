@@ -83,6 +83,10 @@ def test_converter_reads_the_architecture_and_loads_back_strictly(twin):
     bad["backbone.simfp_3.9.weight"] = np.zeros(3, np.float32)
     with pytest.raises(conv.ConversionError, match="simfp_3.9"):
         conv.from_state_dict(bad, variant="maskrcnn_vitdet_tiny")
+    with pytest.raises(conv.ConversionError, match="not a ViTDet"):  # another family (ResNet-FPN)
+        conv.from_state_dict({"backbone.body.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)})
+    with pytest.raises(conv.ConversionError, match="not a registered maskrcnn_vitdet"):
+        conv.from_state_dict(sd, variant="mask_rcnn_tiny")
 
 
 def test_features_rpn_and_heads_match_torch(twin):
