@@ -4,9 +4,13 @@ logits and IoU predictions of every round, and the reference sam2 loss on the of
 outputs); padding masks change nothing; randomness only from the key; the recipe's
 no-point rounds; lowering of the jitted loss + gradient for TPU and GPU.
 
+Slow: the gradient of the rollout loss w.r.t. every parameter equals autograd through
+the official model round by round (mask prompts not detached, as sam2 trains).
+
 Tolerance: logits within 1e-4 of the largest logit of their round, IoU predictions
-within 1e-4 absolute, losses within 1e-4 relative (float32; ours and torch sum in
-different orders and round r feeds on round r - 1's logits)."""
+within 1e-4 absolute, losses within 1e-4 relative, gradients within 1e-4 of each
+parameter's largest gradient entry (float32; ours and torch sum in different orders and
+round r feeds on round r - 1's logits)."""
 
 from __future__ import annotations
 
@@ -78,15 +82,15 @@ def tiny_official():
     return official, models.build(meta["model"], **meta["model_kwargs"]), params
 
 
-def _official_rounds(official, batch, prompts):
+def _official_rounds(official, batch, prompts, grad=False):
     """The official model, mask by mask and round by round: [(b, m, round, logits (K, L, L),
-    iou (K,))], the mask prompt of round r the previous round's logits (the highest
-    predicted IoU of 3)."""
+    iou (K,))] (numpy; torch tensors with `grad`), the mask prompt of round r the previous
+    round's logits (the highest predicted IoU of 3), not detached (as sam2 trains)."""
     import torch
 
     out = []
     f = prompts.first
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for b in range(batch["image"].shape[0]):
             h, w = batch["image_hw"][b]
             x = torch.from_numpy(batch["image"][b, :h, :w]).permute(2, 0, 1)[None]
@@ -114,7 +118,8 @@ def _official_rounds(official, batch, prompts):
                                                         dense_prompt_embeddings=dense, multimask_output=multi)
                     best = int(iou[0].argmax())
                     mask_in = logits[:, best:best + 1]
-                    out.append((b, m, r, logits[0].numpy(), iou[0].numpy()))
+                    out.append((b, m, r, logits[0], iou[0]) if grad else
+                               (b, m, r, logits[0].numpy(), iou[0].numpy()))
     return out
 
 
@@ -148,34 +153,90 @@ def test_rollout_matches_official_round_by_round(parity):
     print("max relative logit error over rounds:", max(errors))
 
 
-def test_rollout_loss_matches_reference_on_official_outputs(parity):
-    """sam2's MultiStepMultiMasksAndIous on the official model's rounds (per object,
-    summed, divided by the number of real masks) equals our rollout's loss."""
-    torch = importorskip("torch")
-    from segjax.testing import sam2_losses
+def _reference_loss(ref, batch, rounds):
+    """sam2's MultiStepMultiMasksAndIous per real mask over its rounds, summed and divided
+    by the number of real masks (the reference's normaliser for one batch): (core loss,
+    components), torch scalars (differentiable when the rounds are)."""
+    import torch
 
-    ref = sam2_losses.load()
-    batch, prompts, _, loss, sums, theirs = parity
     weights = {"loss_mask": 20.0, "loss_dice": 1.0, "loss_iou": 1.0}
     n_valid = int(batch["valid"].sum())
-    total = 0.0
-    comps = {k: 0.0 for k in weights}
+    total, comps = 0.0, {k: 0.0 for k in weights}
     for b in range(batch["valid"].shape[0]):
         for m in range(batch["valid"].shape[1]):
-            steps = [(lg, io) for bb, mm, _, lg, io in theirs if (bb, mm) == (b, m)]
+            steps = [(lg, io) for bb, mm, _, lg, io in rounds if (bb, mm) == (b, m)]
             if not steps:
                 continue
-            outs = {"multistep_pred_multimasks_high_res": [torch.from_numpy(lg)[None] for lg, _ in steps],
-                    "multistep_pred_ious": [torch.from_numpy(io)[None] for _, io in steps],
+            outs = {"multistep_pred_multimasks_high_res": [torch.as_tensor(lg)[None] for lg, _ in steps],
+                    "multistep_pred_ious": [torch.as_tensor(io)[None] for _, io in steps],
                     "multistep_object_score_logits": [torch.zeros(1, 1) for _ in steps]}
             target = torch.from_numpy(batch["masks"][b, m][None, None].astype(np.float32))
             lo = ref.MultiStepMultiMasksAndIous(dict(weights))([outs], target)
-            total += float(lo["core_loss"]) / n_valid
+            total = total + lo["core_loss"] / n_valid
             for k in comps:
-                comps[k] += float(lo[k]) / n_valid
+                comps[k] = comps[k] + lo[k] / n_valid
+    return total, comps
+
+
+def test_rollout_loss_matches_reference_on_official_outputs(parity):
+    """sam2's MultiStepMultiMasksAndIous on the official model's rounds (per object,
+    summed, divided by the number of real masks) equals our rollout's loss."""
+    importorskip("torch")
+    from segjax.testing import sam2_losses
+
+    batch, prompts, _, loss, sums, theirs = parity
+    total, comps = _reference_loss(sam2_losses.load(), batch, theirs)
+    total, comps = float(total), {k: float(v) for k, v in comps.items()}
     assert abs(loss - total) < 1e-4 * abs(total), (loss, total)
     for k in comps:
         assert abs(float(sums[k]) - comps[k]) < 1e-4 * abs(comps[k]) + 1e-7, (k, float(sums[k]), comps[k])
+
+
+@pytest.mark.slow
+def test_rollout_gradients_match_official(tiny_official):
+    """d loss / d every parameter (image encoder, prompt encoder, decoder) of our rollout
+    equals autograd through the official model round by round with sam2's loss, the mask
+    prompts not detached; torch's gradients mapped by the converter (linear layouts)."""
+    importorskip("torch")
+    from segjax.convert import sam as conv
+    from segjax.testing import sam2_losses
+
+    official, model, params = tiny_official
+    batch = _batch()
+    prompts = _fixed_prompts(batch)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: rollout_predictions(model, p, batch, prompts)[1]))(params)
+    official.zero_grad()
+    total, _ = _reference_loss(sam2_losses.load(), batch, _official_rounds(official, batch, prompts, grad=True))
+    total.backward()
+    named = dict(official.named_parameters())
+    sd = {k: (named[k].grad if k in named and named[k].grad is not None else v * 0).numpy()
+          for k, v in official.state_dict().items()}
+    theirs, _, _ = conv.from_state_dict(sd)
+    assert abs(float(loss) - float(total)) < 1e-4 * abs(float(total))
+    errors, unreached = {}, []
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        name = jax.tree_util.keystr(path)
+        if "positional_encoding_gaussian_matrix" in name:
+            continue  # a fixed buffer in the official model: no gradient there
+        t = theirs
+        for k in path:
+            t = t[k.key]
+        g, scale = np.asarray(g), float(np.abs(t).max())
+        if scale == 0:  # e.g. the hypernetwork of a mask never selected as the lowest-loss one
+            unreached.append(name)
+            assert not np.any(g), name
+            continue
+        if "k_proj" in name and name.endswith("['bias']"):
+            # softmax(q (k + b)) = softmax(q k) per query: the gradient is 0 up to rounding on both sides
+            assert max(scale, float(np.abs(g).max())) < 1e-5, name
+            continue
+        errors[name] = float(np.abs(g - t).max()) / scale
+    # one point-first mask: at most one unused hypernetwork (3 layers), nothing else
+    assert len(unreached) <= 6 and all("output_hypernetworks_mlps" in n for n in unreached), unreached
+    assert len(errors) > 100
+    worst = max(errors, key=errors.get)
+    print("max relative gradient error:", worst, errors[worst])
+    assert errors[worst] < 1e-4, (worst, errors[worst])
 
 
 # ----------------------------------------------------------------------------- sampled rollout
