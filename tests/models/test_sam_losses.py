@@ -114,7 +114,7 @@ def test_multistep_multimask_matches_reference(ref, opts):
         valid = jnp.ones((targets.shape[0],), bool)
         return L.multistep_loss(step_arrays, jnp.asarray(targets), valid, weights=weights, **opts)
 
-    (our_loss, our_comps), grads = jax.value_and_grad(ours, has_aux=True)(
+    (our_loss, our_comps), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(
         [(jnp.asarray(a), jnp.asarray(b)) for a, b in steps])
     _close(our_loss, loss, "core loss")
     for k in comps:
@@ -164,7 +164,7 @@ def test_padding_contributes_exactly_zero(ref):
     def ours(st):
         return L.multistep_loss(st, jnp.asarray(targets), jnp.asarray(valid), weights=weights)
 
-    (our_loss, _), grads = jax.value_and_grad(ours, has_aux=True)(
+    (our_loss, _), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(
         [(jnp.asarray(garbage), jnp.asarray(ious)), (jnp.asarray(g1), jnp.asarray(i1))])
     _close(our_loss, loss, "core loss")
     for i, (ga, gb) in enumerate(grads):
