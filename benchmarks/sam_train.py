@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ import time
 import numpy as np
 
 _TAG = "@@bench "
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _peak_mb() -> float:
@@ -222,7 +224,9 @@ def torch_worker(args) -> dict:
 
 
 def _run_worker(kind: str, argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, *argv], capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, *argv], capture_output=True, text=True,
+                          env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(_TAG):
             return json.loads(line[len(_TAG):])
