@@ -209,7 +209,7 @@ def torch_worker(args) -> dict:
         total = total / m
         total.backward()
         opt.step()
-        return float(total)
+        return float(total.detach())
 
     times = []
     for _ in range(args.steps + 1):
