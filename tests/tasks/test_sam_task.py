@@ -133,7 +133,7 @@ def test_data_and_fsdp_sharded_step_equals_one_device(data_dir):
         np.testing.assert_allclose(a, ref[path], rtol=0, atol=2e-4, err_msg=path)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_train_step_lowers_for_tpu_and_cuda(data_dir, dtype):
     c = _config(data_dir, compute_dtype=dtype)
     c.model.kwargs = dict(MODEL, encoder_remat=True, encoder_drop_path_rate=0.1)
