@@ -7,6 +7,7 @@ chromium-driver`), driven by Selenium; nothing is downloaded.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +58,29 @@ class AnnotateServer:
                 status, payload, ctype = r.status, r.read(), r.headers.get("content-type", "")
         except urllib.error.HTTPError as e:
             status, payload, ctype = e.code, e.read(), e.headers.get("content-type", "")
+        except urllib.error.URLError as e:
+            if not (data and isinstance(e.reason, (BrokenPipeError, ConnectionResetError))):
+                raise
+            # The server answered (413) and closed while the body was still being sent:
+            # ask again with the headers only (same declared length) to read that answer.
+            status, payload, ctype = self._headers_only(method, path, len(data), req.header_items(), timeout)
         return status, (json.loads(payload) if "json" in ctype else payload)
+
+    def _headers_only(self, method: str, path: str, length: int, headers, timeout: float):
+        """(status, body, content type) of a request whose body is declared but never sent."""
+        parts = urllib.parse.urlsplit(self.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        try:
+            conn.putrequest(method, path)
+            for k, v in headers:
+                if k.lower() != "content-length":
+                    conn.putheader(k, v)
+            conn.putheader("Content-Length", str(length))
+            conn.endheaders()
+            r = conn.getresponse()
+            return r.status, r.read(), r.getheader("content-type", "")
+        finally:
+            conn.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
