@@ -73,7 +73,7 @@ class AnnotateServer:
         try:
             conn.putrequest(method, path)
             for k, v in headers:
-                if k.lower() != "content-length":
+                if k.lower() not in ("content-length", "host"):  # putrequest sends Host itself
                     conn.putheader(k, v)
             conn.putheader("Content-Length", str(length))
             conn.endheaders()

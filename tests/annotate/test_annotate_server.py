@@ -78,8 +78,10 @@ def test_hostile_requests_get_4xx_with_a_message(workspace, start_server, tmp_pa
             assert "Traceback" not in r["detail"], (name, r)
         # a declared oversized body is refused before it is read (what `call` falls back to
         # when the server answers 413 while the body is still being sent)
+        # (with the headers urllib had prepared, Host and Content-Length included, as in the fallback)
         status, payload, ctype = server._headers_only("POST", "/api/predict", 3 << 20,
-                                                      [("Content-Type", "application/json")], 60)
+                                                      [("Content-type", "application/json"), ("Content-length", "9"),
+                                                       ("Host", server.url.split("//")[1])], 60)
         assert status == 413 and "json" in ctype and b"request body over" in payload, (status, payload)
         # a real prediction still works afterwards, and an out-of-range candidate is refused
         pred = _predict(server, s)
