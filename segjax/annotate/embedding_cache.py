@@ -14,13 +14,13 @@ import collections
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from segjax.atomic_write import atomic_open
 from segjax.inference.sam.predictor import SamImage, SamPredictor
 
 MEMORY_ITEMS = 8
@@ -73,18 +73,9 @@ class EmbeddingCache:
 
     def put(self, key: str, image: SamImage) -> None:
         self._remember(key, image)
-        path = self._file(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, features=np.asarray(image.features, np.float32), dtype=str(image.features.dtype),
-                         original_size=np.asarray(image.original_size), input_size=np.asarray(image.input_size))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(self._file(key)) as f:
+            np.savez(f, features=np.asarray(image.features, np.float32), dtype=str(image.features.dtype),
+                     original_size=np.asarray(image.original_size), input_size=np.asarray(image.input_size))
 
     def _remember(self, key: str, image: SamImage) -> None:
         with self._lock:

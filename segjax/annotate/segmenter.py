@@ -26,6 +26,7 @@ import numpy as np
 from segjax.annotate.embedding_cache import CachingSamPredictor
 from segjax.annotate.images import ImageFolder
 from segjax.annotate.store import AnnotationStore
+from segjax.atomic_write import atomic_open
 
 MAX_PREDICTIONS = 32
 MAX_SESSIONS = 32
@@ -199,10 +200,8 @@ class Segmenter:
             if os.path.exists(path):
                 os.unlink(path)
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npy"
-        np.save(tmp, np.asarray(low_res, np.float32))
-        os.replace(tmp, path)
+        with atomic_open(path) as f:
+            np.save(f, np.asarray(low_res, np.float32))
 
     def annotation_logits(self, ann_id: int) -> np.ndarray | None:
         try:

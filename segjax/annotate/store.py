@@ -11,8 +11,8 @@ Layout written (what `segjax.data.coco`, pycocotools and the Mask R-CNN configs 
   categories: [{id, name, supercategory}] with ids 1..K.
 
 Every change is written at once: a temporary file in the same folder, flushed and
-fsync'ed, then `os.replace` onto the target (and the folder fsync'ed), so the file on
-disk is always a complete JSON. An existing file is validated on open; anything
+fsync'ed, then `os.replace` onto the target (and the folder fsync'ed: segjax.atomic_write),
+so the file on disk is always a complete JSON. An existing file is validated on open; anything
 malformed is a `StoreError` naming what is wrong, and the file is left untouched.
 Undo / redo is a server-side history of operations (add, delete, update).
 """
@@ -22,12 +22,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import threading
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from segjax.atomic_write import atomic_open
 
 MAX_HISTORY = 200
 
@@ -55,28 +56,8 @@ def coco_to_mask(segmentation: dict) -> np.ndarray:
 
 def atomic_write_json(path: str, data: Any) -> None:
     """Writes `data` as JSON to `path` so that `path` always holds a complete file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # the rename itself survives a power cut once the folder is synced
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_open(path, "w") as f:
+        json.dump(data, f, separators=(",", ":"), allow_nan=False)
 
 
 def _int(value: Any) -> bool:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from segjax import checkpoint
+from segjax.atomic_write import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,11 @@ class EmbeddingCache:
         with self._lock:
             hit = self._memory.get(index)
         if hit is None and self.directory and os.path.exists(self._file(index)):
-            hit = np.load(self._file(index))
+            try:
+                hit = np.load(self._file(index))
+            except (OSError, ValueError, EOFError) as e:  # not written by us: computed again
+                log.warning("embedding cache: unreadable %s (%s); recomputing it", self._file(index), e)
+                return None
             with self._lock:
                 self._memory[index] = hit
         return hit
@@ -104,10 +109,8 @@ class EmbeddingCache:
         with self._lock:
             self._memory[index] = emb
         if self.directory:
-            tmp = f"{self._file(index)}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "wb") as f:
+            with atomic_open(self._file(index)) as f:
                 np.save(f, emb)
-            os.replace(tmp, self._file(index))
 
     def lookup(self, index: np.ndarray, image: np.ndarray, image_hw: np.ndarray) -> np.ndarray:
         """Embeddings of a batch, running the encoder only on the images not cached yet.

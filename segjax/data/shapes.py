@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from segjax.atomic_write import atomic_open
 from segjax.data import coco
 from segjax.data.tfds_builder import file_lock
 
@@ -180,11 +181,9 @@ def write_shapes_coco(root: str | os.PathLike, spec: ShapesSpec = ShapesSpec()) 
                            "width": spec.image_size})
             for obj in objects:
                 annotations.append(_annotation(obj, image_id, len(annotations) + 1))
-        tmp = ann_file + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_open(ann_file, "w") as f:
             json.dump({"info": {"description": f"segjax shapes {spec}"}, "images": images,
                        "annotations": annotations, "categories": categories}, f)
-        os.replace(tmp, ann_file)
     return splits
 
 
