@@ -141,3 +141,83 @@ def det_sampler_torch(batch_size: int, fraction: float):
             neg_out.append(n)
         return pos_out, neg_out
     return call
+
+
+def det_sampler_jax(labels, num_samples: int, positive_fraction: float, rng):
+    """`matcher.sample_balanced` made deterministic like `det_sampler_torch` (the first
+    candidates by index; `rng` unused): labels (N,) int (1 fg, 0 bg, -1 ignore) ->
+    (pos (N,) bool, neg (N,) bool)."""
+    import jax.numpy as jnp
+
+    pos, neg = labels >= 1, labels == 0
+    npos = jnp.minimum(pos.sum(), int(num_samples * positive_fraction))
+    nneg = jnp.minimum(neg.sum(), num_samples - npos)
+    return pos & (jnp.cumsum(pos) <= npos), neg & (jnp.cumsum(neg) <= nneg)
+
+
+def train_forward(model: MaskRCNN, images: list[torch.Tensor], targets: list[dict]) -> tuple[dict, list, object, list]:
+    """torchvision's train-mode forward with both balanced samplers replaced by
+    `det_sampler_torch` (the model's batch sizes and fractions); autograd stays on.
+
+    images: (3, H, W) floats in [0, 1]; targets: torchvision's dicts (boxes, labels, masks).
+    Returns (losses {name: 0-d tensor}, RPN proposals [(P_i, 4)] (detached), the
+    transformed ImageList, the transformed targets).
+    """
+    model.train()
+    model.rpn.fg_bg_sampler = det_sampler_torch(model.rpn.fg_bg_sampler.batch_size_per_image,
+                                                model.rpn.fg_bg_sampler.positive_fraction)
+    model.roi_heads.fg_bg_sampler = det_sampler_torch(model.roi_heads.fg_bg_sampler.batch_size_per_image,
+                                                      model.roi_heads.fg_bg_sampler.positive_fraction)
+    captured = {}
+
+    def keep_proposals(mod, args, out):
+        captured["props"] = [p.detach() for p in out[0]]  # returns None: the output is unchanged
+
+    hook = model.rpn.register_forward_hook(keep_proposals)
+    try:
+        with torch.no_grad():
+            il, tt = model.transform(list(images), [{k: v.clone() for k, v in t.items()} for t in targets])
+        losses = model(list(images), targets)
+    finally:
+        hook.remove()
+    return losses, captured["props"], il, tt
+
+
+def batch_from_torch(il, tt, segjax_model, max_instances: int) -> dict[str, np.ndarray]:
+    """The segjax training batch of torchvision's transformed images and targets: the
+    padded frame, RGB 0-255 (the normalisation undone; `MaskRCNN.normalize` zeroes the
+    padding again), instances padded to `max_instances` with `valid`."""
+    x = il.tensors.numpy()  # (B, 3, Hp, Wp) normalised, padded with zeros
+    b, _, hp, wp = x.shape
+    mean, std = np.array(segjax_model.image_mean), np.array(segjax_model.image_std)
+    image = (x.transpose(0, 2, 3, 1) * std + mean) * 255.0
+    boxes = np.zeros((b, max_instances, 4), np.float32)
+    labels = np.zeros((b, max_instances), np.int32)
+    masks = np.zeros((b, max_instances, hp, wp), np.uint8)
+    valid = np.zeros((b, max_instances), bool)
+    for i, ((rh, rw), t) in enumerate(zip(il.image_sizes, tt)):
+        n = len(t["boxes"])
+        boxes[i, :n], labels[i, :n], valid[i, :n] = t["boxes"].numpy(), t["labels"].numpy(), True
+        masks[i, :n, :rh, :rw] = t["masks"].numpy()
+    return {"image": image.astype(np.float32), "image_hw": np.asarray(il.image_sizes, np.int32),
+            "boxes": boxes, "labels": labels, "masks": masks, "valid": valid}
+
+
+def padded_proposals(props: list[torch.Tensor], n: int) -> dict[str, np.ndarray]:
+    """Per-image proposals [(P_i, 4)] -> dict(boxes (B, n, 4), valid (B, n))."""
+    boxes = np.zeros((len(props), n, 4), np.float32)
+    valid = np.zeros((len(props), n), bool)
+    for i, p in enumerate(props):
+        boxes[i, :len(p)], valid[i, :len(p)] = p.numpy(), True
+    return {"boxes": boxes, "valid": valid}
+
+
+def losses_given_proposals(segjax_model, params, batch: dict, proposals: dict, rng):
+    """segjax's train losses with the RoI stage on given proposals (torchvision's):
+    (total, metrics) like `MaskRCNN.losses`, differentiable in `params`."""
+    def run(m, batch, proposals, rng):
+        feats = m.features(batch["image"], batch["image_hw"])
+        l_rpn, metrics, _ = m.rpn_losses(feats, batch, rng)
+        l_roi, m_roi = m.roi_losses(feats, proposals, batch, rng)
+        return l_rpn + l_roi, {**metrics, **m_roi}
+    return segjax_model.apply({"params": params}, batch, proposals, rng, method=run)

@@ -26,7 +26,8 @@ from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, mask_rcnn_loss  # noqa: E
 from segjax.models.maskrcnn.roi_heads import project_masks_on_boxes  # noqa: E402
 from segjax.ops import matcher  # noqa: E402
 from segjax.ops.resample import resize_image, resized_hw  # noqa: E402
-from segjax.testing.maskrcnn_ref import chelsea, det_sampler_torch, tiny_torch, to_tensor  # noqa: E402
+from segjax.testing import maskrcnn_ref as mref  # noqa: E402
+from segjax.testing.maskrcnn_ref import chelsea, tiny_torch, to_tensor  # noqa: E402
 
 torch.set_num_threads(1)
 REL_TOL = 1e-4
@@ -35,13 +36,6 @@ REL_TOL = 1e-4
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
-
-
-def det_sampler_jax(labels, num_samples, positive_fraction, rng):
-    pos, neg = labels >= 1, labels == 0
-    npos = jnp.minimum(pos.sum(), int(num_samples * positive_fraction))
-    nneg = jnp.minimum(neg.sum(), num_samples - npos)
-    return pos & (jnp.cumsum(pos) <= npos), neg & (jnp.cumsum(neg) <= nneg)
 
 
 def test_anchors_match_torchvision():
@@ -114,7 +108,7 @@ def _targets(img):
     return {"boxes": torch.from_numpy(boxes), "labels": torch.tensor([1, 3, 4]), "masks": torch.from_numpy(masks)}
 
 
-def test_train_losses_match_torchvision(tmp_path, monkeypatch):
+def test_train_losses_match_torchvision(monkeypatch):
     from segjax.convert import maskrcnn as conv
 
     tv = tiny_torch(5)
@@ -122,50 +116,18 @@ def test_train_losses_match_torchvision(tmp_path, monkeypatch):
                                            variant="mask_rcnn_tiny", bn_eps=1e-5)
     model = models.build(meta["model"], **meta["model_kwargs"])
     img = chelsea()
-    target = _targets(img)
-
     # torchvision train forward with the deterministic sampler; keep its proposals
-    tv.train()
-    tv.rpn.fg_bg_sampler = det_sampler_torch(64, 0.5)
-    tv.roi_heads.fg_bg_sampler = det_sampler_torch(64, 0.25)
-    captured = {}
-    def keep_proposals(mod, args, out):
-        captured["props"] = out[0][0].detach()  # returns None: the output is unchanged
-    tv.rpn.register_forward_hook(keep_proposals)
     with torch.no_grad():
-        il, tt = tv.transform([to_tensor(img)], [{k: v.clone() for k, v in target.items()}])
-        ref = {k: float(v) for k, v in tv([to_tensor(img)], [target]).items()}
+        losses, props, il, tt = mref.train_forward(tv, [to_tensor(img)], [_targets(img)])
+    ref = {k: float(v) for k, v in losses.items()}
     print("torchvision losses", ref)
 
-    # our batch: the same resized targets, padded frame
-    x = il.tensors  # normalised, padded
-    (rh, rw), = il.image_sizes
-    hp, wp = x.shape[-2:]
-    tmask = tt[0]["masks"].numpy()
-    masks = np.zeros((1, 4, hp, wp), np.uint8)
-    masks[0, :3, :rh, :rw] = tmask
-    mean, std = np.array(model.image_mean), np.array(model.image_std)
-    image = (x[0].permute(1, 2, 0).numpy() * std + mean) * 255.0  # undo the normalisation
-    batch = {
-        "image": jnp.asarray(image[None], jnp.float32), "image_hw": jnp.asarray([[rh, rw]], jnp.int32),
-        "boxes": jnp.asarray(np.concatenate([tt[0]["boxes"].numpy(), np.zeros((1, 4), np.float32)])[None]),
-        "labels": jnp.asarray([[1, 3, 4, 0]], jnp.int32), "masks": jnp.asarray(masks),
-        "valid": jnp.asarray([[True, True, True, False]]),
-    }
-    monkeypatch.setattr(matcher, "sample_balanced", det_sampler_jax)
-    props = captured["props"].numpy()
-    pad = np.zeros((model.rpn_post_nms_top_n_train, 4), np.float32)
-    pad[: len(props)] = props
-    pvalid = np.arange(len(pad)) < len(props)
-
-    def losses(m, batch, props, rng):
-        feats = m.features(batch["image"], batch["image_hw"])
-        l_rpn, met, _ = m.rpn_losses(feats, batch, rng)
-        _, met_roi = m.roi_losses(feats, props, batch, rng)
-        return {**met, **met_roi}
-
-    ours = jax.jit(lambda p, b, pr: model.apply({"params": p}, b, pr, jax.random.key(0), method=losses))(
-        params, batch, {"boxes": jnp.asarray(pad[None]), "valid": jnp.asarray(pvalid[None])})
+    # our batch: the same resized targets, padded frame; our RoI stage on its proposals
+    batch = mref.batch_from_torch(il, tt, model, 4)
+    monkeypatch.setattr(matcher, "sample_balanced", mref.det_sampler_jax)
+    proposals = mref.padded_proposals(props, model.rpn_post_nms_top_n_train)
+    _, ours = jax.jit(lambda p, b, pr: mref.losses_given_proposals(model, p, b, pr, jax.random.key(0)))(
+        params, batch, proposals)
     for k in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"):
         err = abs(float(ours[k]) - ref[k]) / max(abs(ref[k]), 1e-8)
         print(f"{k}: ours {float(ours[k]):.6f} torchvision {ref[k]:.6f} rel {err:.1e}")

@@ -25,6 +25,7 @@ importorskip("timm")
 importorskip("segment_anything")
 
 from segjax import models  # noqa: E402
+from segjax.checkpoint import flatten_paths  # noqa: E402
 from segjax.convert import vitdet as conv  # noqa: E402
 from segjax.models.maskrcnn.mask_rcnn import MaskRCNN  # noqa: E402
 
@@ -85,6 +86,11 @@ def test_converter_reads_the_architecture_and_loads_back_strictly(twin):
         conv.from_state_dict(bad, variant="maskrcnn_vitdet_tiny")
     with pytest.raises(conv.ConversionError, match="not a ViTDet"):  # another family (ResNet-FPN)
         conv.from_state_dict({"backbone.body.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)})
+    # heads are read from the rel-pos head dim (D / K): another count is refused, not loaded
+    assert meta["model_kwargs"]["vit_num_heads"] == 4
+    with pytest.raises(conv.ConversionError, match=r"vit_num_heads=2 \(the state dict: 4\)"):
+        conv.from_state_dict(conv.to_state_dict(params, meta), variant="maskrcnn_vitdet_tiny",
+                             model_kwargs={"vit_num_heads": 2})
     with pytest.raises(conv.ConversionError, match="not a registered maskrcnn_vitdet"):
         conv.from_state_dict(sd, variant="mask_rcnn_tiny")
 
@@ -127,6 +133,76 @@ def test_features_rpn_and_heads_match_torch(twin):
     assert np.abs(np.asarray(o)).max() > 0.1 and np.asarray(cls).std() > 0.1  # not degenerate
     for k, v in errs.items():
         assert v <= REL_TOL, k
+
+
+def _photo_targets():
+    """Two photo crops inside the 128 px frame (scale 1 in torchvision's transform, padded
+    to 128 x 128) with ellipse instances: (images (3, H, W) in [0, 1], targets)."""
+    from segjax.testing.maskrcnn_ref import chelsea, to_tensor
+
+    img = chelsea()
+    crops = [img[:128, 100:212], img[150:246, 200:328]]  # (128, 112), (96, 128)
+    boxes = [np.array([[10, 12, 70, 90], [50, 40, 110, 120], [0, 0, 30, 28]], np.float32),
+             np.array([[20, 10, 120, 80], [4, 30, 60, 94]], np.float32)]
+    targets = []
+    for crop, b in zip(crops, boxes):
+        h, w = crop.shape[:2]
+        yy, xx = np.mgrid[:h, :w]
+        masks = np.zeros((len(b), h, w), np.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(b):
+            masks[i] = (((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2
+                        + ((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2) <= 1
+        targets.append({"boxes": torch.from_numpy(b), "labels": torch.tensor([1, 3, 4][:len(b)]),
+                        "masks": torch.from_numpy(masks)})
+    return [to_tensor(c) for c in crops], targets
+
+
+def test_train_losses_and_gradients_match_torch(monkeypatch):
+    """Train mode, two images: the five losses and the gradient of their sum w.r.t. every
+    parameter equal the PyTorch twin's (autograd). As for the R50 model
+    (tests/models/test_maskrcnn.py), both balanced samplers are the same deterministic
+    one (the first candidates by index) and our RoI stage takes the twin's RPN
+    proposals; drop path is off (its randomness is not shared). The twin's gradients go
+    through the converter (a linear map) onto our parameter tree.
+    Tolerance: rel err 1e-4 per loss; per parameter, max |diff| <= 1e-4 x the largest
+    entry of that parameter's reference gradient."""
+    from segjax.ops import matcher
+    from segjax.testing import maskrcnn_ref as mref
+
+    model = models.build("maskrcnn_vitdet_tiny", **KW, vit_drop_path_rate=0.0)
+    tv = _reference().vitdet_torch(model, seed=1)
+    params, meta, _ = conv.from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()},
+                                           variant="maskrcnn_vitdet_tiny", model_kwargs={"vit_drop_path_rate": 0.0})
+    # one mask-head bucket (one branch to compile; the buckets are exact: test_maskrcnn.py)
+    model = models.build(meta["model"], **meta["model_kwargs"], mask_roi_buckets=(model.box_batch_size_per_image // 4,))
+    images, targets = _photo_targets()
+    losses, props, il, tt = mref.train_forward(tv, images, targets)
+    sum(losses.values()).backward()
+    ref = {k: float(v.detach()) for k, v in losses.items()}
+    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy() for k, p in tv.named_parameters()}
+    ref_grads, _, _ = conv.from_state_dict(grads, variant="maskrcnn_vitdet_tiny")
+    assert tuple(il.tensors.shape[-2:]) == (model.vit_img_size,) * 2 and il.image_sizes == [(128, 112), (96, 128)]
+
+    batch = mref.batch_from_torch(il, tt, model, 4)
+    proposals = mref.padded_proposals(props, model.rpn_post_nms_top_n_train)
+    monkeypatch.setattr(matcher, "sample_balanced", mref.det_sampler_jax)
+    (_, ours), g = jax.jit(jax.value_and_grad(
+        lambda p, b, pr: mref.losses_given_proposals(model, p, b, pr, jax.random.key(0)), has_aux=True))(
+        params, batch, proposals)
+    assert float(ours["roi_num_pos"]) >= 2 and ref["loss_mask"] > 0.1  # positives in both images
+    for k in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"):
+        err = abs(float(ours[k]) - ref[k]) / max(abs(ref[k]), 1e-8)
+        print(f"{k}: ours {float(ours[k]):.6f} torch {ref[k]:.6f} rel {err:.1e}")
+        assert err <= REL_TOL, k
+    want = flatten_paths(ref_grads)
+    errs = {p: rel_err(v, want[p]) for p, v in flatten_paths(jax.device_get(g)).items()}
+    assert set(errs) == set(want)
+    worst = sorted(errs.items(), key=lambda kv: -kv[1])[:5]
+    print("worst gradient rel errs", {p: f"{e:.1e}" for p, e in worst})
+    for p in ("backbone/net/patch_embed/proj/kernel", "backbone/net/pos_embed",
+              "backbone/net/blocks_1/attn/rel_pos_h", "rpn/cls_logits/kernel", "roi_heads/mask_head/conv0/kernel"):
+        assert np.abs(want[p]).max() > 0, p  # the losses reach the backbone, the RPN and the heads
+    assert worst[0][1] <= REL_TOL, worst
 
 
 def test_registry_variants():
