@@ -150,7 +150,8 @@ def test_mae_to_sam_encoder_every_encoder_weight_lands_once():
     src = _random(_mae_abstract(), 0)  # grid 14 -> SAM tiny's 16
     dst = _random(_sam_encoder_abstract(), 1)
     allow_missing = (r"/rel_pos_[hw]$", r"^image_encoder/neck_", r"^prompt_encoder/", r"^mask_decoder/")
-    _, report, changed_by = _perturbation_check(src, dst, {"model": "mae_vit_b16"}, "mae_to_sam_encoder",
+    meta = {"model": "mae_vit_tiny", "model_kwargs": {"num_heads": 2}}  # SAM tiny's heads
+    _, report, changed_by = _perturbation_check(src, dst, meta, "mae_to_sam_encoder",
                                                 allow_missing, MAE_ALLOW_UNEXPECTED)
     for p, target in changed_by.items():
         want = "image_encoder/" + p.replace("mlp/fc1", "mlp/lin1").replace("mlp/fc2", "mlp/lin2")
@@ -195,6 +196,25 @@ def test_other_patch_size_or_width_is_named():
         init_maps.apply_mapping(_random(dst, 1), _random(_mae_abstract(width=32), 0),
                                 {"model": "mae_vit_tiny"}, "mae_to_vitdet", VITDET_ALLOW_MISSING,
                                 MAE_ALLOW_UNEXPECTED)
+
+
+def test_other_head_count_is_named():
+    """Same width, other heads: the qkv kernels fit but split into heads differently."""
+    dst = _random(_vitdet_abstract(vit_num_heads=2), 1)
+    src = _random(_mae_abstract(), 0)
+    args = ("mae_to_vitdet", VITDET_ALLOW_MISSING, MAE_ALLOW_UNEXPECTED)
+    with pytest.raises(InitMapError, match=r"has 4 attention heads, the config's model 2"):
+        init_maps.apply_mapping(dst, src, {"model": "mae_vit_tiny"}, *args)  # the registry's 4 heads
+    init_maps.apply_mapping(dst, src, {"model": "mae_vit_tiny", "model_kwargs": {"num_heads": 2}}, *args)
+    # a meta that does not describe the tensors (another width) cannot vouch for their heads
+    with pytest.raises(InitMapError, match=r"heads is not in its tensors .* width 64"):
+        init_maps.apply_mapping(dst, src, {"model": "mae_vit_b16"}, *args)
+    # SAM -> ViTDet: the relative position tables tell both sides' heads
+    sam = _random(_sam_encoder_abstract(), 0)  # 2 heads
+    with pytest.raises(InitMapError, match=r"has 2 attention heads, the config's model 4"):
+        init_maps.apply_mapping(_random(_vitdet_abstract(), 1), sam, {"model": "sam_vit_tiny"}, "sam_to_vitdet",
+                                (r"^backbone/simfp_", r"^rpn/", r"^roi_heads/"),
+                                (r"^image_encoder/neck_", r"^prompt_encoder/", r"^mask_decoder/"))
 
 
 def test_checkpoint_of_another_family_is_named():

@@ -28,8 +28,11 @@ MAE) and what may go unused in the source (MAE's decoder, the final norm, the cl
 token) is declared in the config (`init_from.allow_missing` / `allow_unexpected`, regexes
 of target / source paths), as for a plain `checkpoint.merge_params` fine-tune;
 anything else fails with the paths named. Before that, the checkpoint's family
-(meta['model']) must be one the mapping reads, and its patch size and width must be
-the target's: each mismatch is an error naming both sides.
+(meta['model']) must be one the mapping reads, and its patch size, width and number of
+attention heads must be the target's: each mismatch is an error naming both sides. Heads
+are read from relative position tables (2S - 1, K) where a side has them (N = D / K), else
+from the checkpoint's meta (`models.build(meta['model'], **meta['model_kwargs'])`, MAE's
+`num_heads`): a fused qkv kernel has the same shape for every head count.
 
 Config (`config.init_from`):
   path       checkpoint directory (segjax format, e.g. a converted MAE)
@@ -51,7 +54,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from segjax import checkpoint
+from segjax import checkpoint, models
 from segjax.ops import resample
 
 PyTree = Any
@@ -244,6 +247,52 @@ def _check_architecture(m: InitMap, meta: dict, src: dict, dst: dict) -> None:
     if what:
         raise InitMapError(f"init_from checkpoint ({model}, patch {s[0]}, width {s[2]}) does not fit the "
                            f"config's model (patch {t[0]}, width {t[2]}): {', '.join(what)} (checkpoint vs model)")
+    _check_heads(m, meta, src, dst, s[2])
+
+
+_HEADS_FIELDS = ("num_heads", "encoder_num_heads", "vit_num_heads")  # MAE / ViT, SAM, ViTDet
+
+
+def _table_heads(flat: dict[str, Any], prefix: str, width: int) -> int | None:
+    """Heads of a ViT with relative position tables (2S - 1, K): width / K."""
+    k = flat.get(f"{prefix}blocks_0/attn/rel_pos_h")
+    return None if k is None else width // int(np.shape(k)[-1])
+
+
+def _meta_heads(meta: dict, width: int) -> int | None:
+    """Heads of the model meta describes (`models.build(meta['model'], **model_kwargs)`),
+    when that model has the checkpoint's width (else the meta does not describe it)."""
+    try:
+        built = models.build(meta["model"], **meta.get("model_kwargs", {}))
+    except (KeyError, TypeError, ValueError):
+        return None
+    for field in _HEADS_FIELDS:
+        width_field = field.replace("num_heads", "embed_dim")
+        if hasattr(built, field) and getattr(built, width_field, None) == width:
+            return int(getattr(built, field))
+    return None
+
+
+def _check_heads(m: InitMap, meta: dict, src: dict, dst: dict, width: int) -> None:
+    """The fused qkv kernels (D, 3D) have one shape for every head count but split into
+    (3, N, K) differently: a checkpoint of another N would load silently and compute
+    another attention. Heads come from relative position tables where a side has them
+    (SAM, ViTDet), else from the checkpoint's meta (MAE / ViT: not in the tensors)."""
+    target = _table_heads(dst, m.dst_prefix, width)
+    if target is None:  # a target without rel-pos tables: nothing reveals its heads here
+        return
+    source = _table_heads(src, m.src_prefix, width)
+    if source is None:
+        source = _meta_heads(meta, width)
+    if source is None:
+        raise InitMapError(
+            f"init_from checkpoint ({meta.get('model')}): its number of attention heads is not in its tensors "
+            f"and its meta does not give it (meta['model'] with meta['model_kwargs'] must build a model of "
+            f"width {width}; record e.g. model_kwargs num_heads); the model has {target} heads")
+    if source != target:
+        raise InitMapError(f"init_from checkpoint ({meta.get('model')}) has {source} attention heads, the "
+                           f"config's model {target} (same width {width}: the qkv kernels fit but split "
+                           f"into heads differently)")
 
 
 def _rename(m: InitMap, path: str) -> str | None:

@@ -145,8 +145,9 @@ def from_state_dict(sd: StateDict, *, variant: str = "maskrcnn_vitdet_b", model_
     must land on a model leaf and every leaf be written (else `ConversionError`).
 
     variant: registry name whose defaults fill what a state dict does not hold;
-    model_kwargs: explicit overrides (recorded in the meta); ignore: regexes of source keys
-    that may be dropped.
+    model_kwargs: explicit values of the other fields (recorded in the meta); one that
+    contradicts a field read from the shapes (e.g. `vit_num_heads` against the rel-pos
+    head dim) is an error; ignore: regexes of source keys that may be dropped.
     """
     if variant not in models.MODELS or not variant.startswith("maskrcnn_vitdet"):
         raise ConversionError(f"variant {variant!r} is not a registered maskrcnn_vitdet* model")
@@ -154,6 +155,11 @@ def from_state_dict(sd: StateDict, *, variant: str = "maskrcnn_vitdet_b", model_
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     arch, num_anchors = infer_kwargs(sd)
+    # every inferred field is fixed by a tensor's shape (heads by the rel-pos head dim)
+    clash = [f"{k}={v!r} (the state dict: {arch[k]!r})" for k, v in (model_kwargs or {}).items()
+             if k in arch and (tuple(v) if isinstance(v, list) else v) != arch[k]]
+    if clash:
+        raise ConversionError(f"model_kwargs contradict the state dict's architecture: {', '.join(clash)}")
     kw = {**arch, **(model_kwargs or {})}
     proto = models.build(variant, **kw)
     if len(proto.anchor_sizes[0]) * len(proto.aspect_ratios) != num_anchors:
