@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.ops.rel_pos_attention import attend_block
 from segjax.ops.resample import cubic_matrix, linear_matrix
 
 Dtype = Any
@@ -384,12 +385,13 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     # ones, faster on XLA:CPU than all-heads row blocks, which in turn beat one
     # (B, N, L, L) softmax (SAM ViT-B's global attention; benchmarks/README.md).
     # Same math per element; the rounding differs from a plain softmax at the 1e-7 level.
+    # The backward pass recomputes each block's logits (`attend_block`'s custom VJP)
+    # instead of keeping all blocks' probabilities, so training memory stays O(L) too.
     h, w = hw
     q, k, v = (einops.rearrange(t, "b l n k -> b n l k") for t in (q, k, v))
     b, n, length, kd = q.shape
     rh = get_rel_pos(h, h, rel_pos_h).astype(q.dtype)  # (h, h, K)
     rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)  # (w, w, K)
-    scale = jnp.asarray(kd ** -0.5, q.dtype)
     if chunk_bytes is None:
         chunk_bytes = 8 * 2**20 if jax.default_backend() == "cpu" else 2**30
     head_bytes = b * length * length * 4  # float32 logits of one head
@@ -397,22 +399,11 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     rows = h if heads > 1 else _largest_divisor(h, chunk_bytes // (b * w * length * 4))
     groups, blocks = n // heads, h // rows
 
-    def attend(qc, rhq, k, v):  # (B, m, r, w, K), (r, h, K), (B, m, L, K) x 2 -> (B, m, r, w, K)
-        logits = jnp.einsum("bnrwk,bnsk->bnrws", qc * scale, k).astype(jnp.float32)
-        rel_h = jnp.einsum("bnrwk,ryk->bnrwy", qc, rhq).astype(jnp.float32)  # (B, m, r, w, h)
-        rel_w = jnp.einsum("bnrwk,wxk->bnrwx", qc, rw).astype(jnp.float32)  # (B, m, r, w, w)
-        logits = logits.reshape(b, heads, rows, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-        logits = logits.reshape(b, heads, rows, w, length)
-        # NOTE: softmax in fp32 under bf16 compute (SAM in fp16 without it is garbage).
-        e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-        out = jnp.einsum("bnrws,bnsk->bnrwk", e.astype(v.dtype), v).astype(jnp.float32)
-        return (out / e.sum(-1, keepdims=True)).astype(v.dtype)
-
     def group(qg, kg, vg):  # (C, B, m, r, w, K), (B, m, L, K) x 2 -> (C, B, m, r, w, K)
         rhc = rh.reshape(blocks, rows, h, kd)
         if blocks == 1:
-            return attend(qg[0], rhc[0], kg, vg)[None]
-        return jax.lax.map(lambda a: attend(a[0], a[1], kg, vg), (qg, rhc))
+            return attend_block(qg[0], rhc[0], rw, kg, vg)[None]
+        return jax.lax.map(lambda a: attend_block(a[0], a[1], rw, kg, vg), (qg, rhc))
 
     qg = einops.rearrange(q, "b (g m) (c r w) k -> g c b m r w k", m=heads, r=rows, w=w)
     kg, vg = (einops.rearrange(t, "b (g m) s k -> g b m s k", m=heads) for t in (k, v))

@@ -1,0 +1,89 @@
+"""The blocked rel-pos attention's custom VJP (recomputed logits) against autodiff of a
+plain (B, N, L, L) softmax, for every blocking, and its training memory."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax.models.vit import get_rel_pos, rel_pos_attention
+from segjax.ops.rel_pos_attention import attend_block
+
+
+def _plain(q, k, v, rel_pos_h, rel_pos_w, hw):
+    """softmax(q k^T / sqrt(K) + q . R_h + q . R_w) v in one piece, as SAM's reference."""
+    h, w = hw
+    b, length, n, kd = q.shape
+    rh, rw = get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w)
+    grid = q.reshape(b, h, w, n, kd)
+    logits = jnp.einsum("blnk,bsnk->bnls", q * kd ** -0.5, k)
+    rel_h = jnp.einsum("byxnk,yhk->bnyxh", grid, rh)
+    rel_w = jnp.einsum("byxnk,xwk->bnyxw", grid, rw)
+    logits = logits.reshape(b, n, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+    probs = jax.nn.softmax(logits.reshape(b, n, length, length), -1)
+    return jnp.einsum("bnls,bsnk->blnk", probs, v)
+
+
+def _inputs(h=8, w=6, b=3, n=2, kd=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v, cot = (jnp.asarray(rng.normal(size=(b, h * w, n, kd)), jnp.float32) for _ in range(4))
+    # tables of other lengths than 2h - 1 / 2w - 1 (15, 11): the linear resize is differentiated too
+    rel_h, rel_w = (jnp.asarray(0.3 * rng.normal(size=(s, kd)), jnp.float32) for s in (15, 9))
+    return (q, k, v, rel_h, rel_w), cot
+
+
+# one block; one head and one row per block; one head, four rows; one head, all rows
+@pytest.mark.parametrize("chunk", [2**40, 1, 3 * 6 * 48 * 4 * 4, 3 * 48 * 48 * 4])
+def test_gradients_equal_autodiff_of_plain_softmax(chunk):
+    args, cot = _inputs()
+    argnums = tuple(range(5))
+    want = jax.grad(lambda *a: jnp.sum(_plain(*a, (8, 6)) * cot), argnums)(*args)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(rel_pos_attention(*a, (8, 6), chunk_bytes=chunk) * cot),
+                           argnums))(*args)
+    for name, g, r in zip(("q", "k", "v", "rel_pos_h", "rel_pos_w"), got, want):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        np.testing.assert_allclose(g, r, rtol=0, atol=2e-6 * float(jnp.abs(r).max()), err_msg=name)
+
+
+def test_bfloat16_gradients_keep_dtypes_and_follow_float32():
+    args, cot = _inputs(seed=1)
+    argnums = tuple(range(5))
+    want = jax.grad(lambda *a: jnp.sum(_plain(*a, (8, 6)) * cot), argnums)(*args)
+    half = tuple(a.astype(jnp.bfloat16) for a in args)
+    got = jax.grad(lambda *a: jnp.sum(rel_pos_attention(*a, (8, 6), chunk_bytes=1).astype(jnp.float32) * cot),
+                   argnums)(*half)
+    for g, r in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(jnp.float32), r, rtol=0, atol=3e-2 * float(jnp.abs(r).max()))
+
+
+def test_backward_keeps_no_block_probabilities():
+    """A step over 16 blocks of (8 x 8) x 128 logits saves per block only what it needs:
+    XLA's temporary memory stays below one block's probabilities per block."""
+    rng = np.random.default_rng(2)
+    h = w = 16
+    q, k, v = (jnp.asarray(rng.normal(size=(1, h * w, 4, 8)), jnp.float32) for _ in range(3))
+    rel = jnp.zeros((2 * h - 1, 8), jnp.float32)
+    chunk = 4 * h * w * 4  # one head, one image row per block: 4 heads x 16 rows = 64 blocks
+
+    def loss(q, k, v):
+        return jnp.sum(rel_pos_attention(q, k, v, rel, rel, (h, w), chunk_bytes=chunk) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:
+        pytest.skip("backend reports no memory analysis")
+    all_probs = 4 * (h * w) ** 2 * 4  # float32 (N, L, L): 1 MiB
+    assert mem.temp_size_in_bytes < all_probs / 2
+
+
+def test_attend_block_is_the_plain_softmax_of_one_block():
+    args, _ = _inputs(h=4, w=5, b=2, n=3, kd=8, seed=3)
+    q, k, v, rel_h, rel_w = args
+    rh, rw = get_rel_pos(4, 4, rel_h), get_rel_pos(5, 5, rel_w)
+    qc = q.reshape(2, 4, 5, 3, 8).transpose(0, 3, 1, 2, 4)  # (B, N, h, w, K): all rows in one block
+    out = attend_block(qc, rh, rw, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    want = _plain(q, k, v, rel_h, rel_w, (4, 5)).reshape(2, 4, 5, 3, 8).transpose(0, 3, 1, 2, 4)
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-6)
