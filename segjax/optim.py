@@ -129,7 +129,10 @@ def scale_by_tree(scales: PyTree) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+        # frozen parameters (`optim.frozen`) arrive as optax's empty MaskedNode: kept as they are
+        masked = lambda u: isinstance(u, optax.MaskedNode)  # noqa: E731
+        return jax.tree_util.tree_map(lambda u, s: u if masked(u) else u * jnp.asarray(s, u.dtype), updates,
+                                      scales, is_leaf=masked), state
 
     return optax.GradientTransformation(init, update)
 

@@ -55,7 +55,13 @@ def sam_config(model: str, img_size: int, max_masks: int, **model_kwargs) -> ml_
     c.optim.layer_decay_scope = "image_encoder/"
     # position tables and rel-pos tables are not decayed (as the norms and biases)
     c.optim.no_decay = (r"pos_embed$", r"rel_pos_[hw]$")
+    # the prompt encoder's random-Fourier matrix is a fixed buffer in the reference
+    # (segment_anything and sam2 `register_buffer`: never trained, never decayed)
+    c.optim.frozen = FROZEN
     return c
+
+
+FROZEN = (r"positional_encoding_gaussian_matrix$",)
 
 
 def decay_at(total_steps: int) -> tuple[int, int]:

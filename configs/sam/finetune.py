@@ -46,7 +46,7 @@ def get_config(arg=None):
         c.optim.layer_decay = 0.8
     elif arg.variant == "decoder":
         c.optim.lr = 1e-4
-        c.optim.frozen = (r"^image_encoder/",)
+        c.optim.frozen = (*c.optim.frozen, r"^image_encoder/")
         c.sam.cached_embeddings = True
         c.sam.embedding_cache_dir = "~/.cache/segjax/sam_embeddings"
         c.batch_size = 32

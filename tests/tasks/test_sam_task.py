@@ -258,3 +258,27 @@ def test_sigkill_then_resume_is_bit_exact(data_dir, tmp_path):
     got = checkpoint.flatten_paths(got)
     for path, value in checkpoint.flatten_paths(want).items():
         np.testing.assert_array_equal(got[path], value, err_msg=path)  # bit-identical
+
+
+def test_prompt_fourier_matrix_is_never_updated():
+    """The prompt encoder's random-Fourier matrix is a fixed buffer in the reference:
+    every SAM config freezes it (no Adam step, no weight decay), layer decay included
+    (sa1b_vit_b: frozen leaves pass the layer-decay scaling); other params move."""
+    import flax.linen as nn
+
+    from segjax import optim
+
+    model = models.build("sam_vit_tiny", **MODEL)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]]),
+                              jnp.zeros((1, 1, 1, 2)), jnp.ones((1, 1, 1), jnp.int32))
+    params = jax.tree_util.tree_map(lambda a: np.ones(a.shape, a.dtype), nn.meta.unbox(abstract["params"]))
+    key = "prompt_encoder/pe_layer/positional_encoding_gaussian_matrix"
+    for c in (shapes_config.get_config(), finetune.get_config("decoder"), sa1b_vit_b.get_config()):
+        tx, _ = optim.make_optimizer(c.optim, params, 8, 100, depth=model.depth)
+        grads = jax.tree_util.tree_map(np.ones_like, params)
+        state, update = tx.init(params), jax.jit(tx.update)  # one dispatch, not one per leaf op
+        for _ in range(2):  # the second step: the warmup's lr is 0 at step 0
+            updates, state = update(grads, state, params)
+        flat = checkpoint.flatten_paths(jax.device_get(updates))
+        assert np.abs(flat[key]).max() == 0, c.optim.frozen
+        assert np.abs(flat["mask_decoder/iou_token/embedding"]).max() > 0
