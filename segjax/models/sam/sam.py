@@ -36,6 +36,11 @@ class Sam(nn.Module):
       and outputs stay float32.
     encoder_drop_path_rate, encoder_remat: training switches of the image encoder
       (see `ImageEncoderViT`); they change no parameter.
+    decoder_remat: recompute the mask decoder's activations in the backward pass
+      (`nn.remat`; only its inputs are kept per call): a training switch for the
+      11-round rollout, whose decoder activations grow with masks x rounds (one
+      prompt's two-way transformer and upscaling hold ~L C floats many times over).
+      Same parameters and math (XLA fuses differently, so sums may round differently).
     """
 
     img_size: int = 1024
@@ -63,6 +68,7 @@ class Sam(nn.Module):
     dtype: Dtype = jnp.float32
     encoder_drop_path_rate: float = 0.0
     encoder_remat: bool = False
+    decoder_remat: bool = False
 
     @property
     def embedding_size(self) -> int:
@@ -87,7 +93,9 @@ class Sam(nn.Module):
         self.prompt_encoder = PromptEncoder(
             embed_dim=self.prompt_embed_dim, image_embedding_size=(e, e),
             input_image_size=(self.img_size, self.img_size), mask_in_chans=self.mask_in_chans, dtype=self.dtype)
-        self.mask_decoder = MaskDecoder(
+        # argument 6 of MaskDecoder.__call__ (self = 0): multimask_output, static
+        decoder = nn.remat(MaskDecoder, static_argnums=(6,)) if self.decoder_remat else MaskDecoder
+        self.mask_decoder = decoder(
             transformer_dim=self.prompt_embed_dim, num_multimask_outputs=self.num_multimask_outputs,
             iou_head_depth=self.iou_head_depth, iou_head_hidden_dim=self.iou_head_hidden_dim,
             depth=self.decoder_depth, num_heads=self.decoder_num_heads, mlp_dim=self.decoder_mlp_dim,
