@@ -19,8 +19,8 @@ module), fp32; the first (warm-up) step's loss is the same in both.
 --remat: activation recomputation in the backward pass, the same in both frameworks:
 "decoder" (default) recomputes each mask-decoder call (segjax `Sam(decoder_remat=True)`,
 torch `torch.utils.checkpoint` of the official decoder call), "encoder" each image
-encoder block. Without it the decoder's activations grow with masks x rounds (ViT-B, 16
-masks: ~30 GB of XLA temporaries; torch needed 11.7 GB at 2 masks).
+encoder block. Without it the decoder's activations grow with masks x rounds (figures
+in benchmarks/README.md).
 
 Decoder-only mode (`--decoder-only`, segjax): the step on cached image embeddings, as
 `config.sam.cached_embeddings` trains; printed beside the full step as the speed-up.
