@@ -175,11 +175,20 @@ def test_inference_shapes_and_static_contract(tiny):
         assert (np.diff(scores[i][v[i]]) <= 0).all()
 
 
-def test_train_step_grads(tiny):
+def _loss_and_grads(model, params, batch):
+    return jax.jit(jax.value_and_grad(lambda p, b, r: mask_rcnn_loss(model, p, b, r), has_aux=True))(
+        params, batch, jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_grads(tiny):
+    """((loss, metrics), grads) of the default tiny model's train loss on `_batch`."""
     model, params, image, hw = tiny
-    batch = _batch(image, hw)
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(
-        lambda p, b, r: mask_rcnn_loss(model, p, b, r), has_aux=True))(params, batch, jax.random.key(1))
+    return _loss_and_grads(model, params, _batch(image, hw))
+
+
+def test_train_step_grads(tiny_grads):
+    (loss, metrics), grads = tiny_grads
     assert np.isfinite(float(loss)) and float(metrics["loss_mask"]) > 0
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): g
             for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
@@ -199,28 +208,54 @@ def test_backbone_remat_keeps_loss_and_grads(tiny):
         assert float(jnp.abs(g - g_ref).max()) <= 1e-5 * max(float(jnp.abs(g_ref).max()), 1e-12)
 
 
-def test_mask_head_buckets_are_exact(tiny):
-    """The train-time mask head runs on the smallest bucket holding the positives, or
-    a bucket in chunks of slots; the loss and every gradient equal those of running it
-    on all slots at once."""
-    model, params, image, hw = tiny
-    batch = _batch(image, hw)
+def _assert_grads_close(grads, grads_ref, rtol=1e-5):
+    for (path, g), g_ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree_util.tree_leaves(grads_ref)):
+        scale = max(float(jnp.abs(g_ref).max()), 1e-12)
+        assert float(jnp.abs(g - g_ref).max()) <= rtol * scale, jax.tree_util.keystr(path)
 
-    def run(m):
-        return jax.jit(jax.value_and_grad(lambda p, b, r: mask_rcnn_loss(m, p, b, r), has_aux=True))(
-            params, batch, jax.random.key(1))
+
+def test_mask_head_buckets_are_exact(tiny, tiny_grads):
+    """The train-time mask head runs on the smallest bucket holding the positives; the
+    loss and every gradient equal those of running it on all slots at once."""
+    model, params, image, hw = tiny
     sp = model.box_batch_size_per_image // 4
-    (loss_all, met_all), grads_all = run(model.clone(mask_roi_buckets=(sp,), mask_roi_chunk=None))
-    assert 1 < float(met_all["roi_num_pos"]) < 8  # positives in several 1-slot chunks
-    assert float(met_all["loss_mask"]) > 0
-    # bucket 8 of (8, 16, ..., 128) ran; the 16 slots one at a time
-    for m in (model, model.clone(mask_roi_buckets=(sp,), mask_roi_chunk=1)):
-        (loss, met), grads = run(m)
-        np.testing.assert_allclose(float(loss), float(loss_all), rtol=1e-6)
-        for (path, g), g_all in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                                    jax.tree_util.tree_leaves(grads_all)):
-            scale = max(float(jnp.abs(g_all).max()), 1e-12)
-            assert float(jnp.abs(g - g_all).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
+    (loss_all, met_all), grads_all = _loss_and_grads(model.clone(mask_roi_buckets=(sp,), mask_roi_chunk=None),
+                                                     params, _batch(image, hw))
+    assert 1 < float(met_all["roi_num_pos"]) < 8 and float(met_all["loss_mask"]) > 0
+    (loss, _), grads = tiny_grads  # bucket 8 of (8, 16)
+    np.testing.assert_allclose(float(loss), float(loss_all), rtol=1e-6)
+    _assert_grads_close(grads, grads_all)
+
+
+def test_bucketed_mask_loss_chunks_are_exact():
+    """`bucketed_mask_loss` on a tiny mask head: the chosen bucket, run `chunk` slots per
+    image at a time, gives the loss and the gradients (w.r.t. the head and every pyramid
+    level) of the head on all slots in one piece."""
+    from segjax.models.maskrcnn.roi_heads import RoIHeads, bucketed_mask_loss
+
+    rng = np.random.default_rng(0)
+    b, r, hw = 2, 16, (64, 64)
+    feats = [jnp.asarray(rng.standard_normal((b, hw[0] // s, hw[1] // s, 8)), jnp.float32) for s in (4, 8, 16, 32)]
+    xy = rng.uniform(0, 40, (b, r, 2))
+    rois = jnp.asarray(np.concatenate([xy, xy + rng.uniform(4, 24, (b, r, 2))], -1), jnp.float32)
+    valid = jnp.asarray(np.arange(r)[None] < np.array([[3], [6]]))  # positives first, 6 at most
+    labels = jnp.asarray(rng.integers(1, 3, (b, r)), jnp.int32)
+    matched = jnp.asarray(rng.integers(0, 2, (b, r)), jnp.int32)
+    gt = jnp.asarray(rng.uniform(size=(b, 2, *hw)) > 0.5)
+    head = RoIHeads(num_classes=3, representation_size=16, mask_layers=(8, 8), mask_dim_reduced=8)
+    params = head.init(jax.random.key(0), feats, rois, hw)["params"]
+    params = {n: params[n] for n in ("mask_head", "mask_predictor")}
+    mask_fn = lambda p, f, x: head.apply({"params": p}, f, x, hw, method=RoIHeads.mask)  # noqa: E731
+
+    def loss(p, f, buckets, chunk):
+        return bucketed_mask_loss(mask_fn, p, f, rois, labels, matched, valid, gt, buckets, chunk)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=(2, 3))
+    value_all, grads_all = grad(params, feats, (r,), None)
+    assert float(value_all) > 0 and float(jnp.abs(grads_all[1][0]).max()) > 0
+    for buckets, chunk in [((4, 8, 16), 2), ((16,), 1)]:  # bucket 8 in 4 chunks; 16 one-slot chunks
+        value, grads = grad(params, feats, buckets, chunk)
+        np.testing.assert_allclose(float(value), float(value_all), rtol=1e-6)
+        _assert_grads_close(grads, grads_all)
 
 
 def test_frozen_patterns():
