@@ -29,7 +29,9 @@ Each framework runs in its own worker process (its peak RSS is its own), driven 
 step. --schedule interleaved: both workers alive, one step of each in turn (the same
 load for both); alternate: one worker at a time (when both do not fit in memory),
 --repeats launches each, alternating. The 1-minute load average after each step is
-printed with the figures. CPU here; the same script runs on a GPU machine.
+printed with the figures. The torch worker runs with OMP_WAIT_POLICY=PASSIVE unless the
+environment sets it (spinning OpenMP threads stall torch on a loaded CPU). CPU here; the
+same script runs on a GPU machine.
 
 Usage:
   python benchmarks/sam_train.py                               # ViT-B at 1024, 16 masks
@@ -278,7 +280,7 @@ def torch_worker(args):
         opt.step()
         return float(total.detach())
 
-    return {"full": one_step}, dict(threads=torch.get_num_threads())
+    return {"full": one_step}, dict(threads=torch.get_num_threads(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -289,6 +291,11 @@ class Worker:
 
     def __init__(self, kind: str, argv: list[str]):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")])))
+        if kind == "torch":
+            # OpenMP threads that spin-wait for descheduled peers stall every torch op on a
+            # machine with more runnable threads than cores; passive waiting avoids that
+            # (an explicit OMP_WAIT_POLICY in the environment wins)
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.kind = kind
         self.err = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, *argv], stdin=subprocess.PIPE,
