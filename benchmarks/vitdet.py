@@ -2,18 +2,27 @@
 time and peak memory, for the whole model and for the ViT backbone alone.
 
 Each part runs in its own worker process (peak RSS is attributable):
-  matmul     fp32 `jnp.matmul` of two --peak-n^2 matrices (median of 5): the machine's
-             measured matmul peak, GFLOP/s
   backbone   the ViT (`ViTDetNet`, train mode: drop path) forward + backward of a random
-             linear function of its output, batch --batch at --size
+             linear function of its output and an SGD update, batch --batch at --size
   full       `MaskRCNN.losses` value_and_grad + an SGD update (a train step without the
              optimizer's state), random images and three boxes / masks per image
+  matmul     the matmul peak alone (also measured inside the two parts above)
+
+The matmul peak is measured in the same process and dtype as the step, interleaved
+with it: each repetition times one step, then the median of three --peak-n^2 x
+--peak-n^2 `jnp.matmul`s, so load on a shared machine hits both alike. The step's
+fraction of peak uses the peak of the same repetition (the median over repetitions is
+reported), with the 1-minute load average at each.
 
 Columns: step s (median of --reps after one warm-up call), compile s (lower + compile),
 GFLOP/s and % peak from two counts: `cost_analysis()['flops']` of the compiled step
-(XLA's count of everything) and, for the backbone, an analytic count of the ViT's
-matmuls (patch embedding, qkv / proj / MLP, attention logits and values; x3 for
-forward + backward); peak MB: the worker's ru_maxrss.
+(XLA's count; it counts a `while` loop's body once, so it undercounts the blocked
+attention) and, for the backbone, an analytic count of the ViT's matmuls
+(`analytic_vit_train_flops`; its % peak is the median over repetitions of each step
+against the peak measured right after it); XLA temp MB: the
+compiled step's temporary buffer (`memory_analysis()`); peak MB: the worker's ru_maxrss.
+The workers call `segjax.xla_flags.setup_cpu(--xla-preset)` (malloc reuse), as the other
+CPU benchmarks do.
 
   python benchmarks/vitdet.py                       # ViT-B at 1024, batch 1, fp32
   python benchmarks/vitdet.py --model maskrcnn_vitdet_tiny --size 128 --reps 3
@@ -36,7 +45,15 @@ import time
 
 
 def analytic_vit_train_flops(m, size: int, batch: int) -> float:
-    """Matmul FLOPs of the ViT trunk (forward x3: forward + backward) at `size`."""
+    """Matmul FLOPs of the ViT trunk's train step at `size` (2 per multiply-add).
+
+    forward = patch embed 2 T (3 P^2) D + per block 2 T D^2 (3 + 1 + 8) (qkv, proj, MLP
+    of ratio 4) + attention 2 * 2 Q S D (logits q k^T and probs . v; global blocks Q = S = T,
+    windowed blocks Q = padded tokens, S = window^2); train step = 3 x forward (the
+    backward pass has two matmuls per forward one). T = (size / P)^2 tokens. Not counted:
+    the rel-pos terms (2 T (H + W) D per block, < 2% of the attention), LayerNorm, GELU,
+    softmax, and recomputation (remat, the attention backward's recomputed logits).
+    """
     p, d = m.vit_patch_size, m.vit_embed_dim
     g = size // p
     tokens = g * g
@@ -45,8 +62,7 @@ def analytic_vit_train_flops(m, size: int, batch: int) -> float:
     padded = (math.ceil(g / ws) * ws) ** 2
     for i in range(m.vit_depth):
         glob = i in m.vit_global_attn_indexes
-        fwd += 2 * tokens * d * d * (3 + 1 + 8)  # qkv, proj, MLP (ratio 4)
-        # logits q.k and probs.v over each window / the whole grid; rel-pos terms are small
+        fwd += 2 * tokens * d * d * (3 + 1 + 2 * 4)  # qkv, proj, MLP (ViTDetNet's ratio 4)
         fwd += 2 * 2 * (tokens * tokens if glob else padded * ws * ws) * d
     return 3.0 * fwd * batch
 
@@ -55,16 +71,24 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _timed(fn, reps: int) -> float:
+def _seconds(fn) -> float:
     import jax
 
+    t0 = time.perf_counter()
     jax.block_until_ready(fn())
-    times = []
+    return time.perf_counter() - t0
+
+
+def _interleaved(step, matmul, flop_mm: float, reps: int) -> dict:
+    """One warm-up call each, then `reps` x (one step, median of three matmuls)."""
+    _seconds(step)
+    _seconds(matmul)
+    steps, peaks, loads = [], [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        steps.append(_seconds(step))
+        peaks.append(flop_mm / statistics.median(_seconds(matmul) for _ in range(3)) / 1e9)
+        loads.append(os.getloadavg()[0])
+    return {"step_s_all": steps, "peak_gflops_all": peaks, "load_all": loads}
 
 
 def _compile(jitted, *args):
@@ -73,10 +97,15 @@ def _compile(jitted, *args):
     secs = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return compiled, secs, float((cost or {}).get("flops", float("nan")))
+    mem = compiled.memory_analysis()
+    temp = mem.temp_size_in_bytes / 2**20 if mem is not None else float("nan")
+    return compiled, secs, float((cost or {}).get("flops", float("nan"))), temp
 
 
 def worker(args) -> dict:
+    from segjax.xla_flags import setup_cpu
+
+    setup_cpu(args.xla_preset)
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -86,12 +115,15 @@ def worker(args) -> dict:
     from segjax.models.maskrcnn.mask_rcnn import MaskRCNN
     from segjax.models.maskrcnn.vitdet import ViTDetNet
 
+    n = args.peak_n
+    mm_dtype = jnp.dtype(args.dtype)
+    mm_a = jax.random.normal(jax.random.key(0), (n, n), mm_dtype)
+    mm_b = jax.random.normal(jax.random.key(1), (n, n), mm_dtype)
+    mm = jax.jit(jnp.matmul).lower(mm_a, mm_b).compile()
+    flop_mm = 2.0 * n**3
     if args.part == "matmul":
-        n = args.peak_n
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-        mm = jax.jit(jnp.matmul)
-        return {"gflops": 2 * n**3 / _timed(lambda: mm(a, b), 5) / 1e9}
+        times = [_seconds(lambda: mm(mm_a, mm_b)) for _ in range(1 + args.reps * 3)][1:]
+        return {"gflops": flop_mm / statistics.median(times) / 1e9, "load": os.getloadavg()[0]}
     kw = {"dtype": jnp.dtype(args.dtype), "vit_remat": args.remat, "vit_img_size": args.size,
           "min_size": args.size, "max_size": args.size}
     model = models.build(args.model, **kw)
@@ -134,9 +166,13 @@ def worker(args) -> dict:
             loss, grads = jax.value_and_grad(loss_fn)(p)
             return loss, jax.tree_util.tree_map(lambda a, c: a - 1e-4 * c, p, grads)
         args_ = (params, batch, jax.random.key(1))
-    compiled, out["compile_s"], out["xla_gflop"] = _compile(jax.jit(step), *args_)
+    compiled, out["compile_s"], out["xla_gflop"], out["xla_temp_mb"] = _compile(jax.jit(step), *args_)
     out["xla_gflop"] /= 1e9
-    out["step_s"] = _timed(lambda: compiled(*args_), args.reps)
+    out.update(_interleaved(lambda: compiled(*args_), lambda: mm(mm_a, mm_b), flop_mm, args.reps))
+    out["step_s"] = statistics.median(out["step_s_all"])
+    out["peak_gflops"] = statistics.median(out["peak_gflops_all"])
+    out["analytic_frac_all"] = [out["analytic_gflop"] / t / pk for t, pk in
+                                zip(out["step_s_all"], out["peak_gflops_all"])]
     out["peak_mb"] = _peak_mb()
     out["params_m"] = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params)) / 1e6
     return out
@@ -151,7 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--peak-n", type=int, default=3072)
-    ap.add_argument("--parts", default="matmul,backbone,full")
+    ap.add_argument("--parts", default="backbone,full")
+    ap.add_argument("--xla-preset", default="default", help="segjax.xla_flags preset")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.part:
@@ -161,25 +198,34 @@ def main(argv=None) -> int:
     for part in args.parts.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--model", args.model, "--size",
                str(args.size), "--batch", str(args.batch), "--reps", str(args.reps), "--dtype", args.dtype,
-               "--peak-n", str(args.peak_n)] + (["--remat"] if args.remat else [])
+               "--peak-n", str(args.peak_n), "--xla-preset", args.xla_preset] + (["--remat"] if args.remat else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:  # e.g. killed for memory (-9): report it, go on with the other parts
             print(f"{part}: worker exited with {proc.returncode}\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         res[part] = json.loads(proc.stdout.strip().splitlines()[-1])
-    peak = res.get("matmul", {}).get("gflops", float("nan"))
+        print(f"{part}: {json.dumps(res[part])}", file=sys.stderr)
     print(f"{args.model} {args.size}x{args.size} batch {args.batch} {args.dtype}{' remat' if args.remat else ''}; "
-          f"fp32 matmul peak ({args.peak_n}^3) {peak:.1f} GFLOP/s; load avg {os.getloadavg()[0]:.1f}")
-    print("| part | step s | compile s | XLA GFLOP | XLA GFLOP/s (% peak) | ViT analytic GFLOP/s (% peak) | peak MB |")
-    print("|---|---|---|---|---|---|---|")
+          f"matmul peak: {args.dtype} {args.peak_n}^3 in the same worker, interleaved; XLA preset {args.xla_preset}")
+    if "matmul" in res:
+        print(f"matmul alone: {res['matmul']['gflops']:.1f} GFLOP/s (load {res['matmul']['load']:.1f})")
+    print("| part | step s | compile s | XLA temp MB | peak MB | matmul peak GFLOP/s | XLA GFLOP | "
+          "XLA GFLOP/s (% peak) | ViT analytic GFLOP | ViT analytic GFLOP/s (% peak) | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for part in ("backbone", "full"):
         if part not in res:
             continue
         r = res[part]
-        xla = r["xla_gflop"] / r["step_s"]
-        ana = r["analytic_gflop"] / r["step_s"]
-        print(f"| {part} | {r['step_s']:.2f} | {r['compile_s']:.1f} | {r['xla_gflop']:.1f} | "
-              f"{xla:.1f} ({100 * xla / peak:.0f}%) | {ana:.1f} ({100 * ana / peak:.0f}%) | {r['peak_mb']:.0f} |")
+        peak = r["peak_gflops"]
+        xla, ana = r["xla_gflop"] / r["step_s"], r["analytic_gflop"] / r["step_s"]
+        frac = statistics.median(r["analytic_frac_all"])  # each step against its own repetition's peak
+        loads = f"{min(r['load_all']):.1f}-{max(r['load_all']):.1f}"
+        print(f"| {part} | {r['step_s']:.2f} | {r['compile_s']:.1f} | {r['xla_temp_mb']:.0f} | {r['peak_mb']:.0f} | "
+              f"{peak:.1f} | {r['xla_gflop']:.0f} | {xla:.1f} ({100 * xla / peak:.0f}%) | {r['analytic_gflop']:.0f} | "
+              f"{ana:.1f} ({100 * frac:.0f}%) | {loads} |")
+        print(f"  per repetition: step s {[round(t, 2) for t in r['step_s_all']]}, peak GFLOP/s "
+              f"{[round(x, 1) for x in r['peak_gflops_all']]}, analytic fraction "
+              f"{[round(x, 3) for x in r['analytic_frac_all']]}")
     return 0
 
 
