@@ -28,6 +28,7 @@ from segjax import models  # noqa: E402
 from segjax.checkpoint import flatten_paths  # noqa: E402
 from segjax.convert import vitdet as conv  # noqa: E402
 from segjax.models.maskrcnn.mask_rcnn import MaskRCNN  # noqa: E402
+from segjax.testing.train_steps import FAST_COMPILE, assert_steps_match, compiled_step  # noqa: E402
 
 torch.set_num_threads(1)
 REL_TOL = 1e-4
@@ -269,11 +270,16 @@ def _batches(n):
     return out
 
 
-def _steps(tr, state, batches):
+# The default run compiles the train steps at XLA backend optimisation level 0 (the same
+# program, compiled in a fraction of the time); the slow variants as train.py does.
+OPT_LEVELS = [pytest.param(FAST_COMPILE, id="O0"), pytest.param(None, id="default", marks=pytest.mark.slow)]
+
+
+def _steps(tr, step, state, batches):
     losses = []
     for b in batches:
         with tr.mesh:
-            state, m = tr.train_step(state, tr.put_batch(b))
+            state, m = step(state, tr.put_batch(b))
         losses.append(float(m["loss"]))
     return state, losses
 
@@ -285,48 +291,55 @@ def fsdp_trainer():
     return train_loop.Trainer(_config(), mesh=sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}))
 
 
-@pytest.mark.slow  # two full train-step compiles (1 and 8 devices): minutes of CPU
-def test_sharded_step_equals_single_device(fsdp_trainer):
+@pytest.fixture(scope="module")
+def fsdp_steps(fsdp_trainer):
+    """options -> the 8-device step compiled with them (once per module)."""
+    cache = {}
+
+    def get(options):
+        if repr(options) not in cache:
+            cache[repr(options)] = compiled_step(fsdp_trainer, fsdp_trainer.init_state(), _batches(1)[0], options)
+        return cache[repr(options)]
+    return get
+
+
+@pytest.mark.parametrize("options", OPT_LEVELS)
+def test_sharded_step_equals_single_device(fsdp_trainer, fsdp_steps, options):
+    """Data 2 x FSDP 4 vs one device, two steps, each from the same state on both sides:
+    losses, Adam's moments (the gradients) and parameters (segjax.testing.train_steps)."""
     from segjax import sharding, train_loop
 
     tr = fsdp_trainer
     spec = tr.param_shardings["backbone"]["net"]["blocks_0"]["mlp"]["fc1"]["kernel"].spec
     assert spec[0] == "fsdp", spec  # the ViT's parameters really are sharded
-    batches = _batches(2)
-    state, losses = _steps(tr, tr.init_state(), batches)
     one = train_loop.Trainer(_config(), mesh=sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1},
                                                                   devices=jax.devices()[:1]))
-    init = jax.device_get(one.init_state()["params"])
-    ref_state, ref_losses = _steps(one, one.init_state(), batches)
     # same math, another reduction order (fp32); discrete choices (top-k, NMS, sampling,
     # drop path) see the same rng and near-equal scores
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    params, ref = jax.device_get(state["params"]), jax.device_get(ref_state["params"])
-    ref_flat = dict(jax.tree_util.tree_leaves_with_path(ref))
-    # Adam divides by sqrt(v): rounding noise in a near-zero gradient becomes an update of
-    # up to lr (1e-3), so parameters agree to 30% of one step, not to fp32 precision
-    for path, a in jax.tree_util.tree_leaves_with_path(params):
-        np.testing.assert_allclose(a, ref_flat[path], rtol=0, atol=3e-4, err_msg=jax.tree_util.keystr(path))
+    init, ref = assert_steps_match(
+        tr, one, _batches(2), ("loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
+                               "loss_mask", "roi_num_pos", "grad_norm"), lr=1e-3, options=options,
+        step=fsdp_steps(options), moment_rtol=2e-2)
     moved = np.abs(ref["backbone"]["net"]["blocks_0"]["attn"]["qkv"]["kernel"]
                    - init["backbone"]["net"]["blocks_0"]["attn"]["qkv"]["kernel"]).max()
     assert moved > 1.5e-3  # two Adam steps moved the ViT (not two untouched inits)
 
 
-@pytest.mark.slow  # a full train-step compile (8 devices) and three steps
-def test_resume_is_exact(fsdp_trainer, tmp_path):
+@pytest.mark.parametrize("options", OPT_LEVELS)
+def test_resume_is_exact(fsdp_trainer, fsdp_steps, options, tmp_path):
     """Step 2 from a checkpoint of step 1 (sharded restore) == step 2 of an unbroken run,
     bit for bit, drop path and sampling included."""
     from segjax import checkpoint, train_loop
 
-    tr = fsdp_trainer
+    tr, step = fsdp_trainer, fsdp_steps(options)
     b1, b2 = _batches(2)
-    s1, _ = _steps(tr, tr.init_state(), [b1])
+    s1, _ = _steps(tr, step, tr.init_state(), [b1])
     ckpt = checkpoint.TrainCheckpointer(tmp_path, save_every=1, keep=1, async_save=False)
     ckpt.save(1, s1["params"], s1["opt_state"], {}, train_loop._meta(tr.config))
-    s2, l2 = _steps(tr, s1, [b2])
+    s2, l2 = _steps(tr, step, s1, [b2])
     resumed, data = train_loop.restore_or_init(tr, ckpt)
     assert data["resumed_step"] == 1
-    r2, lr2 = _steps(tr, resumed, [b2])
+    r2, lr2 = _steps(tr, step, resumed, [b2])
     assert l2 == lr2
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(s2)), jax.tree_util.tree_leaves(jax.device_get(r2))):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
