@@ -1,4 +1,4 @@
-"""Times Mask R-CNN R50-FPN inference and a train step in segjax and torchvision.
+"""Times Mask R-CNN R50-FPN inference and a train step in segjax and torchvision, interleaved.
 
 Setup: torchvision's `maskrcnn_resnet50_fpn` architecture as its COCO weights build it
 (FrozenBatchNorm2d, trainable_backbone_layers 3), seeded random weights, converted to
@@ -9,29 +9,35 @@ segjax with `segjax.convert.maskrcnn` so both run the same network. fp32.
   train step: batch 2 of 800x800 images with 6 instances each (boxes + masks), the
     five losses, backward and SGD (momentum 0.9, lr 0.02, weight decay 1e-4) with
     torchvision's frozen parameters kept frozen on both sides.
-Each framework runs in its own subprocess (peak RSS attributable), one after the other,
-with the same thread count (all CPUs). The seeded torchvision weights are built in a
-third subprocess and handed to the segjax worker as an .npz state dict, so that the
-segjax worker never imports torch (torch's libraries and the torch model would
-otherwise count in segjax's peak). Like torchvision's one model object, the segjax
-worker holds one copy of the weights during the train step (the predictor's copy is
-dropped after inference).
+
+Processes. The seeded torchvision weights are built in a first subprocess and handed to
+the segjax workers as an .npz state dict, so that no segjax worker imports torch
+(torch's libraries and model would otherwise count in segjax's peak). Each phase
+(inference, then the train step) runs in a fresh pair of workers, one per framework,
+so that each peak RSS belongs to one framework and one phase. Both workers of a phase
+stay alive and take turns: the parent asks for one timed call at a time, alternating
+which framework goes first in each round (segjax, torchvision, torchvision, segjax,
+...), so that the two sides run under the same background load on a shared machine;
+a waiting worker blocks on its pipe and uses no CPU. Both use all CPUs (the same
+thread count).
 
 Usage:
-  python benchmarks/mask_rcnn.py [--iters 3] [--skip-torch] [--skip-train]
+  python benchmarks/mask_rcnn.py [--iters 3] [--skip-torch] [--skip-train] [--skip-infer]
 
 NOTE: every timed train step starts from the initial weights and optimizer state
-(restored untimed): with lr 0.02 these random weights diverge within a step or two
-(NaN loss), so timing a carried-over state would time a diverged network.
+(restored untimed, on both sides): with lr 0.02 these random weights diverge within a
+step or two (NaN loss), so timing a carried-over state would time a diverged network.
+Like torchvision's one model object with its saved initial state, the segjax train
+worker holds the initial state and the state being stepped (the step donates it).
 
 Recorded figures, with date, machine and command: benchmarks/README.md.
 
-Numbers: median wall time of `--iters` timed runs after one warm-up; segjax compile
-time (first call, incl. tracing) separately; peak MB = ru_maxrss of the worker (CPU
-has no device memory stats; `infer peak` the same after inference, before training);
-ratio = torchvision time / segjax time (> 1: segjax faster);
-load avg = the machine's 1-minute load at the worker's start and end (other jobs share
-the CPUs: the workers run one after the other, so compare under similar load).
+Numbers: median (and min) wall time of `--iters` timed calls per side after one
+warm-up round; segjax compile time (first call, incl. tracing) separately; peak MB =
+ru_maxrss of the phase's worker (CPU has no device memory stats; it includes the
+process's imports and runtime, and for segjax compiling); ratio = torchvision time /
+segjax time (> 1: segjax faster); load = the machine's 1-minute load average over the
+timed calls (min-max), other jobs share the CPUs.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import time
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TAG = "@@bench "
 SIZE = 800  # --size overrides (a quick smoke run: --size 320 --iters 1)
+MEMORY_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
 def _image():
@@ -99,55 +106,18 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time(fn, iters, reset=None):
-    """(median, min) wall time of `fn` over `iters` runs after one warm-up; `reset` (untimed)
-    runs before each call."""
-    ts = []
-    for _ in range(iters + 1):
-        if reset is not None:
-            reset()
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts[1:]), min(ts[1:])
+def _release_freed_memory():
+    """Returns the heap's free pages to the OS (glibc `malloc_trim`): what compiling and
+    loading freed (the process keeps it otherwise, see `segjax.xla_flags`) would
+    count in the peak RSS once the step's temporary buffer lands elsewhere."""
+    import ctypes
+    import gc
 
-
-def worker_torch(args) -> dict:
-    import torch
-
-    torch.set_num_threads(os.cpu_count())
-    model = _torch_model()
-    img = torch.from_numpy(_image()).permute(2, 0, 1).float() / 255.0
-    res = {}
-    with torch.no_grad():
-        res["infer_s"], res["infer_min_s"] = _time(lambda: model([img]), args.iters)
-        res["num_detections"] = len(model([img])[0]["boxes"])
-    res["infer_peak_mb"] = _peak_mb()
-    if not args.skip_train:
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
-        boxes, labels, masks = _targets(2)
-        imgs = [img, img.flip(-1)]
-        tg = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(lab), "masks": torch.from_numpy(m)}
-              for b, lab, m in zip(boxes, labels, masks)]
-
-        sd0 = {k: v.clone() for k, v in model.state_dict().items()}
-        opt_sd0 = copy.deepcopy(opt.state_dict())
-
-        def reset():  # every timed step starts from the initial weights (see the module doc)
-            model.load_state_dict(sd0)
-            opt.load_state_dict(opt_sd0)
-
-        def step():
-            opt.zero_grad()
-            loss = sum(model(imgs, tg).values())
-            loss.backward()
-            opt.step()
-            res["train_loss"] = float(loss)
-        res["train_s"], res["train_min_s"] = _time(step, args.iters, reset)
-    res["peak_mb"] = _peak_mb()
-    return res
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
@@ -189,61 +159,177 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
     return batch, (p0, tx.init(p0)), step
 
 
-def worker_weights(args) -> dict:
-    """Writes the seeded torchvision model's state dict to `args.weights` (.npz)."""
-    import numpy as np
-
-    np.savez(args.weights, **{k: v.numpy() for k, v in _torch_model().state_dict().items()})
-    return {}
+# ----------------------------------------------------------------------------- workers
+# A worker sets up one framework for one phase, then answers "call" requests (one timed
+# call each, after an untimed reset where the phase has one) until "finish".
 
 
-def worker_segjax(args) -> dict:
-    from segjax.xla_flags import setup_cpu
+class TorchSide:
+    def __init__(self, phase: str, args):
+        import torch
 
-    setup_cpu()  # XLA:CPU preset + host-memory reuse, before the backend starts
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from segjax import models
-    from segjax.convert import maskrcnn as conv
-    from segjax.inference import MaskRCNNPredictor
-
-    with np.load(args.weights) as sd:
-        params, meta, _ = conv.from_state_dict(dict(sd), model_kwargs={"min_size": SIZE,
-                                                                        "max_size": max(1333, SIZE)})
-    model = models.build(meta["model"], **meta["model_kwargs"])
-    pred = MaskRCNNPredictor(model, params, meta)
-    img = _image()
-    res = {}
-    t = time.perf_counter()
-    pred(img)
-    res["infer_compile_s"] = time.perf_counter() - t
-    res["infer_s"], res["infer_min_s"] = _time(lambda: pred(img), args.iters)
-    res["num_detections"] = len(pred(img)["boxes"])
-    res["infer_peak_mb"] = _peak_mb()
-    pred = None  # torchvision trains the one model it ran: keep one copy of the weights
-    if not args.skip_train:
+        torch.set_num_threads(os.cpu_count())
+        self.torch, self.phase, self.res = torch, phase, {}
+        self.model = _torch_model()
+        self.img = torch.from_numpy(_image()).permute(2, 0, 1).float() / 255.0
+        if phase == "infer":
+            return
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
         boxes, labels, masks = _targets(2)
-        batch, state, step = segjax_train_step(model, params, [img, img[:, ::-1]], boxes, labels, masks, 0.02)
-        del params
-        state = jax.block_until_ready(state)
+        self.imgs = [self.img, self.img.flip(-1)]
+        self.tg = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(lab), "masks": torch.from_numpy(m)}
+                   for b, lab, m in zip(boxes, labels, masks)]
+        self.sd0 = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.opt_sd0 = copy.deepcopy(self.opt.state_dict())
+        _release_freed_memory()
 
-        holder = {"s": state}
+    def reset(self):  # every timed step starts from the initial weights (see the module doc)
+        if self.phase == "train":
+            self.model.load_state_dict(self.sd0)
+            self.opt.load_state_dict(self.opt_sd0)
 
-        def reset():  # every timed step starts from the initial weights (see the module doc)
-            holder["s"] = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, state))
+    def call(self):
+        if self.phase == "infer":
+            with self.torch.no_grad():
+                self.res["num_detections"] = len(self.model([self.img])[0]["boxes"])
+            return
+        self.opt.zero_grad()
+        loss = sum(self.model(self.imgs, self.tg).values())
+        loss.backward()
+        self.opt.step()
+        self.res["train_loss"] = float(loss)
 
-        def run():
-            holder["s"], loss = step(holder["s"], batch, jax.random.key(0))
-            res["train_loss"] = float(loss)
-        reset()
+
+class SegjaxSide:
+    def __init__(self, phase: str, args):
+        from segjax.xla_flags import setup_cpu
+
+        # NOTE: XLA:CPU's default scheduler starts independent work early (the RPN's and
+        # the box head's backward before the mask head, the weight-gradient pads in the
+        # forward pass), which keeps more buffers alive at once; the memory-optimized one
+        # plans a smaller temporary buffer for the train step (benchmarks/README.md).
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), MEMORY_SCHEDULER]))
+        setup_cpu()  # XLA:CPU preset + host-memory reuse, before the backend starts
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from segjax import models
+        from segjax.convert import maskrcnn as conv
+
+        self.jax, self.jnp, self.phase, self.res = jax, jnp, phase, {}
+        with np.load(args.weights) as sd:
+            params, meta, _ = conv.from_state_dict(dict(sd), model_kwargs={"min_size": SIZE,
+                                                                            "max_size": max(1333, SIZE)})
+        model = models.build(meta["model"], **meta["model_kwargs"])
+        self.img = _image()
         t = time.perf_counter()
-        run()
-        res["train_compile_s"] = time.perf_counter() - t
-        res["train_s"], res["train_min_s"] = _time(run, args.iters, reset)
-    res["peak_mb"] = _peak_mb()
-    return res
+        if phase == "infer":
+            from segjax.inference import MaskRCNNPredictor
+
+            self.pred = MaskRCNNPredictor(model, params, meta)
+            self.call()
+            self.res["compile_s"] = time.perf_counter() - t
+            _release_freed_memory()
+            return
+        boxes, labels, masks = _targets(2)
+        self.batch, self.state0, self.step = segjax_train_step(model, params, [self.img, self.img[:, ::-1]],
+                                                               boxes, labels, masks, 0.02)
+        del params
+        self.state0 = jax.block_until_ready(self.state0)
+        self.reset()
+        t = time.perf_counter()
+        self.call()
+        self.res["compile_s"] = time.perf_counter() - t
+        _release_freed_memory()
+
+    def reset(self):  # every timed step starts from the initial weights (see the module doc)
+        if self.phase == "train":
+            self.state = None  # the donated buffers of the previous step are gone already
+            self.state = self.jax.block_until_ready(self.jax.tree_util.tree_map(self.jnp.copy, self.state0))
+
+    def call(self):
+        if self.phase == "infer":
+            self.res["num_detections"] = len(self.pred(self.img)["boxes"])
+            return
+        self.state, loss = self.step(self.state, self.batch, self.jax.random.key(0))
+        self.res["train_loss"] = float(loss)  # waits for the step
+
+
+def _reply(obj):
+    print(_TAG + json.dumps(obj), flush=True)
+
+
+def serve(args) -> int:
+    """Worker loop: set up, then one line per request on stdin ("call" / "finish")."""
+    if args.worker == "weights":
+        import numpy as np
+
+        np.savez(args.weights, **{k: v.numpy() for k, v in _torch_model().state_dict().items()})
+        _reply({})
+        return 0
+    side = {"segjax": SegjaxSide, "torch": TorchSide}[args.worker](args.phase, args)
+    _reply({"ready": True, "peak_mb": _peak_mb()})
+    for line in sys.stdin:
+        if line.strip() == "finish":
+            break
+        side.reset()
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        side.call()
+        _reply({"s": time.perf_counter() - t, "load": [load, os.getloadavg()[0]]})
+    _reply({**side.res, "peak_mb": _peak_mb()})
+    return 0
+
+
+class _Worker:
+    """A worker subprocess of the parent: request / reply over its stdin / stdout."""
+
+    def __init__(self, name: str, phase: str, args, weights: str, env, logdir: str):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--phase", phase,
+               "--size", str(args.size), "--weights", weights]
+        self.name = name
+        self.log = open(os.path.join(logdir, f"{name}_{phase}.log"), "w+")  # stderr: never blocks the pipe
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, cwd=_REPO, env=env)
+
+    def ask(self, request: str | None = None) -> dict:
+        if request is not None:
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_TAG):
+                return json.loads(line[len(_TAG):])
+        self.proc.wait()
+        self.log.seek(0)
+        print(self.log.read()[-3000:], file=sys.stderr)
+        raise SystemExit(f"{self.name} worker failed (exit {self.proc.returncode})")
+
+
+def _phase(phase: str, sides: list[str], args, weights: str, env, logdir: str) -> dict:
+    """Runs one phase: workers set up one after the other, then `iters` + 1 rounds of one
+    call per side (the first round is the warm-up), the side that goes first alternating."""
+    workers = {}
+    for name in sides:  # set up (and compile) one at a time: the other's setup is not load
+        workers[name] = _Worker(name, phase, args, weights, env, logdir)
+        workers[name].ask()
+    times = {name: [] for name in sides}
+    loads = []
+    for i in range(args.iters + 1):
+        for name in sides if i % 2 == 0 else sides[::-1]:
+            r = workers[name].ask("call")
+            if i:
+                times[name].append(r["s"])
+                loads += r["load"]
+    out = {}
+    for name, w in workers.items():
+        res = w.ask("finish")
+        w.proc.wait()
+        out[name] = {**res, "s": statistics.median(times[name]), "min_s": min(times[name]), "times": times[name]}
+    out["load"] = [min(loads), max(loads)]
+    return out
 
 
 def main(argv=None) -> int:
@@ -251,45 +337,40 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-infer", action="store_true")
     p.add_argument("--size", type=int, default=800, help="square image side; the models' min_size too")
     p.add_argument("--worker", choices=("segjax", "torch", "weights"))
+    p.add_argument("--phase", choices=("infer", "train"), default="infer")
     p.add_argument("--weights", help="(workers) the .npz state dict the weights worker writes")
     args = p.parse_args(argv)
     global SIZE
     SIZE = args.size
     if args.worker:
-        load0 = os.getloadavg()[0]
-        res = {"segjax": worker_segjax, "torch": worker_torch, "weights": worker_weights}[args.worker](args)
-        res["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # other jobs on the machine
-        print(_TAG + json.dumps(res), flush=True)
-        return 0
-    results = {}
+        return serve(args)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")])))
+    sides = ["segjax"] + ([] if args.skip_torch else ["torch"])
+    phases = [ph for ph, skip in (("infer", args.skip_infer), ("train", args.skip_train)) if not skip]
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "maskrcnn_r50_fpn.npz")
-        for w in ("weights", "segjax") + (() if args.skip_torch else ("torch",)):
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", w, "--iters", str(args.iters),
-                   "--size", str(args.size), "--weights", weights]
-            cmd += ["--skip-train"] if args.skip_train else []
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=_REPO, env=env)
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith(_TAG)]
-            if out.returncode or not lines:
-                print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{w} worker failed (exit {out.returncode})")
-            if w != "weights":
-                results[w] = json.loads(lines[-1][len(_TAG):])
-    print(f"Mask R-CNN R50-FPN, {SIZE}x{SIZE}, fp32, {os.cpu_count()} CPUs")
-    print(f"{'':10s} {'infer s':>9s} {'train s':>9s} {'compile s (inf/train)':>22s} {'infer peak':>10s}"
-          f" {'peak MB':>9s} {'dets':>5s} {'load avg':>12s}")
-    for w, r in results.items():
-        comp = f"{r.get('infer_compile_s', float('nan')):.1f}/{r.get('train_compile_s', float('nan')):.1f}"
-        print(f"{w:10s} {r['infer_s']:9.3f} {r.get('train_s', float('nan')):9.3f} "
-              f"{comp if w == 'segjax' else '-':>22s} {r['infer_peak_mb']:10.0f} {r['peak_mb']:9.0f}"
-              f" {r['num_detections']:5d} {r['loadavg_1min'][0]:5.1f}-{r['loadavg_1min'][1]:<5.1f}")
-    if "torch" in results:
-        s, t = results["segjax"], results["torch"]
-        print(f"ratio (torchvision / segjax): inference {t['infer_s'] / s['infer_s']:.2f}x"
-              + (f", train step {t['train_s'] / s['train_s']:.2f}x" if "train_s" in s else ""))
+        w = _Worker("weights", "infer", args, weights, env, tmp)
+        w.ask()
+        w.proc.wait()
+        for ph in phases:
+            results[ph] = _phase(ph, sides, args, weights, env, tmp)
+    print(f"Mask R-CNN R50-FPN, {SIZE}x{SIZE}, fp32, {os.cpu_count()} CPUs, {args.iters} timed calls per side")
+    print(f"{'phase':6s} {'side':7s} {'median s':>9s} {'min s':>7s} {'compile s':>10s} {'peak MB':>8s}"
+          f" {'dets / loss':>12s} {'load':>10s}")
+    for ph, res in results.items():
+        for name in sides:
+            r = res[name]
+            extra = r.get("num_detections", r.get("train_loss", float("nan")))
+            comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+            print(f"{ph:6s} {name:7s} {r['s']:9.3f} {r['min_s']:7.3f} {comp:>10s} {r['peak_mb']:8.0f}"
+                  f" {extra:12.3f} {res['load'][0]:4.1f}-{res['load'][1]:<4.1f}")
+        if "torch" in res:
+            print(f"{ph:6s} ratio (torchvision / segjax): time {res['torch']['s'] / res['segjax']['s']:.2f}x,"
+                  f" peak memory segjax / torchvision {res['segjax']['peak_mb'] / res['torch']['peak_mb']:.2f}x")
     print(json.dumps(results))
     return 0
 

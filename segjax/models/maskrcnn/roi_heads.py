@@ -36,7 +36,7 @@ from segjax.ops.nms import batched_nms
 from segjax.ops.roi_align import multiscale_roi_align, roi_align_weights
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-MASK_CHUNK = 32  # train-time mask head: slots per image run at once (`bucketed_mask_loss`)
+MASK_CHUNK = 16  # train-time mask head: slots per image run at once (`bucketed_mask_loss`)
 BBOX_CLIP = math.log(1000.0 / 16)
 
 
