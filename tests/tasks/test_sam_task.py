@@ -131,7 +131,7 @@ def test_data_and_fsdp_sharded_step_equals_one_device(data_dir, rounds, options)
     tr = train_loop.Trainer(c, mesh=sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1}))
     one = train_loop.Trainer(c, mesh=_one_device())
     init, ref = assert_steps_match(tr, one, batches, ("loss", "iou_round1", "iou_last", "num_masks"),
-                                   lr=c.optim.lr, options=options, rtol=1e-4, moment_rtol=2e-2)
+                                   lr=c.optim.lr, options=options, rtol=1e-4, moment_rtol=1e-3)
     flat, start = checkpoint.flatten_paths(ref), checkpoint.flatten_paths(init)
     assert max(np.abs(flat[p] - start[p]).max() for p in flat) > 1e-4  # the second step moved the weights
 
