@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.optim.grad_clip_norm = 1.0
     c.eval.max_images = 100
     # every run first sits on an all-background plateau (focal : dice 20 : 1, ~4%
-    # foreground) for ~100-250 steps: 1000 steps (README: the numbers at step 500)
+    # foreground) for ~100-250 steps: 1000 steps (README: the numbers at steps 500, 1000)
     set_schedule(c, total_steps=1000, warmup_steps=50, eval_every=500, save_every=250, log_every=50)
     if arg.variant == "mae_init":
         mae_init(c)
