@@ -10,6 +10,7 @@ names (`embed`, `mlp`, `heads`); `segjax/sharding.py` maps them onto a mesh.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import einops
@@ -83,6 +84,7 @@ class PatchEmbed(nn.Module):
     patch_size: int = 16
     embed_dim: int = 768
     dtype: Dtype = jnp.float32
+    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,10 +98,16 @@ class PatchEmbed(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             kernel_init=_logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-            bias_init=_logical(nn.initializers.zeros, ("embed",)),
+            bias_init=_logical(self.bias_init, ("embed",)),
             name="proj",
         )(x)
         return einops.rearrange(x, "b h w d -> b (h w) d")
+
+
+def torch_conv_bias_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32, *, fan_in: int) -> jax.Array:
+    """torch.nn.Conv2d's default bias: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class Mlp(nn.Module):
@@ -537,7 +545,13 @@ def windowed_vit_trunk(module: nn.Module, x: jax.Array, train: bool, *, patch_si
     if s_h % p or s_w % p:
         raise ValueError(f"input {s_h}x{s_w} is not divisible by the patch size {p}")
     h, w = s_h // p, s_w // p
-    x = PatchEmbed(p, d, dtype, name="patch_embed")(x)  # (B, H*W, D)
+    # The references (segment_anything, detectron2's ViT) leave the patch projection at
+    # torch's default init, whose bias is not zero. With a zero bias and the zero
+    # position table of a fresh model, the tokens of the zero padding (SAM pads after
+    # normalising) are exactly zero, and the first LayerNorm multiplies their gradient by
+    # 1/sqrt(eps): training from scratch on padded images starts with exploding gradients.
+    bias_init = functools.partial(torch_conv_bias_init, fan_in=p * p * x.shape[-1])
+    x = PatchEmbed(p, d, dtype, bias_init=bias_init, name="patch_embed")(x)  # (B, H*W, D)
     # NOTE: residual stream in float32 (bf16 compute only inside the matmuls).
     x = x.reshape(b, h, w, d).astype(jnp.float32)
     pos = module.param("pos_embed", _logical(pos_init, (None, None, None, "embed")), (1, pos_grid, pos_grid, d))
