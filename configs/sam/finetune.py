@@ -29,7 +29,8 @@ from configs.sam.base import sam_config, set_schedule
 
 def get_config(arg=None):
     arg = parse_arg(arg, variants=("full", "decoder", "mae_init"), runlocal=False)
-    c = sam_config("sam_vit_b", img_size=1024, max_masks=16)
+    # decoder_remat: the 11 rounds x 16 masks of decoder activations would dominate memory
+    c = sam_config("sam_vit_b", img_size=1024, max_masks=16, decoder_remat=True)
     c.data.kind = "coco"
     c.data.dataset = "my_coco"
     c.data.splits = {"train": ("{root}/train2017", "{root}/annotations/instances_train2017.json"),

@@ -17,7 +17,9 @@ iterations with batch size 128 ... lr = 8e-4/4e-4, ld = 0.6/0.8, wd = 0.1, and d
 
 Scale switches: `mesh` (data x fsdp: parameters and optimizer state sharded over
 `fsdp` devices), `compute_dtype='bfloat16'` (float32 master weights),
-`model.kwargs.encoder_remat` (recompute encoder blocks in the backward pass).
+`model.kwargs.encoder_remat` (recompute encoder blocks in the backward pass),
+`model.kwargs.decoder_remat` (recompute each mask-decoder call: the 11 rounds' decoder
+activations grow with masks x rounds and dominate the step's memory at 64 masks).
 Data: `data.splits` maps each split to a folder of sa_*.jpg + sa_*.json (or a list of
 folders), "{root}" standing for `data.root`. `:runlocal` is a tiny smoke run on the
 generated shapes data.
@@ -30,7 +32,8 @@ from configs.sam.base import sam_config, set_schedule
 
 def get_config(arg=None):
     arg = parse_arg(arg, runlocal=False)
-    c = sam_config("sam_vit_b", img_size=1024, max_masks=64, encoder_drop_path_rate=0.6, encoder_remat=True)
+    c = sam_config("sam_vit_b", img_size=1024, max_masks=64, encoder_drop_path_rate=0.6, encoder_remat=True,
+                   decoder_remat=True)
     c.data.kind = "sa1b"
     c.data.dataset = "sa1b"
     c.data.splits = {"train": "{root}/train", "val": "{root}/val"}
