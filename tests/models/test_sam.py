@@ -80,6 +80,57 @@ def test_absent_padding_does_not_change_outputs(tiny):
     assert np.abs(pred(variables, emb, pc, pl2)["low_res_logits"] - ref["low_res_logits"]).max() > 1e-3
 
 
+def test_all_masks_output_equals_the_two_outputs(tiny):
+    """multimask_output=None (the rollout's first round: both heads from one decoder run)
+    returns mask 0 then masks 1..3, equal to the single- and multi-mask calls, with and
+    without a mask prompt."""
+    model, variables = tiny
+    images, hw, coords, labels = _inputs()
+    emb = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=model.embed_image))(variables, images, hw)
+    mask_in = np.random.default_rng(3).normal(0, 4, (2, 3, 64, 64, 1)).astype(np.float32)
+    pred = jax.jit(lambda v, e, c, lab, mi, mm: model.apply(v, e, c, lab, mi, None, mm, method=model.predict_masks),
+                   static_argnums=5)
+    for mi in (None, mask_in):
+        both = pred(variables, emb, coords, labels, mi, None)
+        assert both["low_res_logits"].shape == (2, 3, 4, 64, 64) and both["iou_predictions"].shape == (2, 3, 4)
+        ref = {k: np.concatenate([a, b], axis=2) for (k, a), b in zip(
+            pred(variables, emb, coords, labels, mi, False).items(),
+            pred(variables, emb, coords, labels, mi, True).values())}
+        for k in ref:
+            np.testing.assert_allclose(both[k], ref[k], rtol=0, atol=1e-5 * float(np.abs(ref[k]).max()))
+        assert np.abs(ref["low_res_logits"][:, :, 0] - ref["low_res_logits"][:, :, 1]).max() > 1e-2
+
+
+def test_mask_downscaling_equals_strided_convs(tiny):
+    """The prompt encoder's mask net (`PatchConv`s on one rearrangement of the input)
+    equals the reference's Conv2d(k2 s2) -> LayerNorm2d -> GELU -> Conv2d(k2 s2) ->
+    LayerNorm2d -> GELU -> Conv2d(1x1), here as lax convolutions on the same params."""
+    from segjax.models.vit import gelu_erf
+
+    model, variables = tiny
+    masks = np.random.default_rng(4).normal(0, 4, (3, 64, 64, 1)).astype(np.float32)
+    out = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, y: m.prompt_encoder.embed_masks(y)))(
+        variables, masks)
+    pe = variables["params"]["prompt_encoder"]
+
+    def conv(x, name, k):
+        y = jax.lax.conv_general_dilated(x, pe[name]["kernel"], (k, k), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=jax.lax.Precision.HIGHEST)
+        return y + pe[name]["bias"]
+
+    def ln(x, name):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(var + 1e-6) * pe[name]["scale"] + pe[name]["bias"]
+
+    x = gelu_erf(ln(conv(masks, "mask_downscaling_0", 2), "mask_downscaling_1"))
+    x = gelu_erf(ln(conv(x, "mask_downscaling_3", 2), "mask_downscaling_4"))
+    ref = np.asarray(conv(x, "mask_downscaling_6", 1))
+    assert out.shape == ref.shape == (3, 16, 16, 32)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
 def test_bf16_close_to_fp32(tiny):
     model, variables = tiny
     m16 = models.build("sam_vit_tiny", dtype=jnp.bfloat16)

@@ -88,9 +88,11 @@ class MaskDecoder(nn.Module):
 
     __call__(image_embeddings (B, h, w, C), dense (B, P, h, w, C) or (C,) (one embedding
     for every pixel: no mask input), image_pe (h, w, C), sparse (B, P, T, C), token_mask
-    (B, P, T) bool, multimask_output (static bool)) -> (masks (B, P, M', 4h, 4w) float32,
-    iou (B, P, M') float32), M' = masks 1..3 with multimask_output else mask 0, exactly
-    the reference slicing.
+    (B, P, T) bool, multimask_output (static: True, False or None)) -> (masks
+    (B, P, M', 4h, 4w) float32, iou (B, P, M') float32), M' = masks 1..3 with
+    multimask_output else mask 0, exactly the reference slicing; None: all masks 0..3
+    (ours: both of the reference's outputs from one call, mask 0 first; the masks share
+    every computation but their hypernetwork, so this equals the two calls).
     """
 
     transformer_dim: int = 256
@@ -105,7 +107,7 @@ class MaskDecoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, image_embeddings, dense, image_pe, sparse, token_mask, multimask_output: bool = True):
+    def __call__(self, image_embeddings, dense, image_pe, sparse, token_mask, multimask_output: bool | None = True):
         c, dt = self.transformer_dim, self.dtype
         n_masks = self.num_multimask_outputs + 1
         b, h, w, _ = image_embeddings.shape
@@ -123,9 +125,11 @@ class MaskDecoder(nn.Module):
             src = image_embeddings[:, None] + dense  # (B, P, h, w, C)
         src = src.astype(jnp.float32).reshape(b, src.shape[1], h * w, c)
         pos = image_pe.astype(jnp.float32).reshape(1, 1, h * w, c)
-        # only the masks asked for: 1..3 with multimask_output, else 0. The final attention
-        # runs for the IoU token and those mask tokens, and only their hypernetworks run
-        sel = tuple(range(1, n_masks)) if multimask_output else (0,)
+        # only the masks asked for: 1..3 with multimask_output, 0 without, all with None. The
+        # final attention runs for the IoU token and those mask tokens, and only their
+        # hypernetworks run
+        sel = (tuple(range(n_masks)) if multimask_output is None
+               else tuple(range(1, n_masks)) if multimask_output else (0,))
         hs, src = TwoWayTransformer(self.depth, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
                                     self.ln_eps, dt, name="transformer")(
             src, pos, tokens, mask, outputs=(0,) + tuple(1 + i for i in sel))
@@ -148,4 +152,4 @@ class MaskDecoder(nn.Module):
         iou_head = MLPParams(self.iou_head_hidden_dim, n_masks, self.iou_head_depth, name="iou_prediction_head")
         iou_pred = mlp(iou_head(c), iou_token_out, dt).astype(jnp.float32)
         masks = masks.reshape(b, p, masks.shape[1], 4 * h, 4 * w)
-        return masks, iou_pred[:, :, 1:] if multimask_output else iou_pred[:, :, :1]
+        return masks, iou_pred[:, :, sel[0]: sel[-1] + 1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,12 +37,39 @@ class PositionEmbeddingRandom(nn.Module):
     def __call__(self, coords: jax.Array) -> jax.Array:
         gauss = self.param("positional_encoding_gaussian_matrix", nn.initializers.normal(1.0),
                            (2, self.num_pos_feats))
+        # NOTE: a fixed buffer in segment_anything and sam2, never trained: no gradient
+        # reaches it (the decoder's backward would otherwise sum the position encoding's
+        # gradient over every prompt and layer)
+        gauss = jax.lax.stop_gradient(gauss)
         c = 2.0 * coords.astype(jnp.float32) - 1.0
         # NOTE: full fp32 matmul on every backend: sin/cos of |2 pi c G| ~ 10s of radians.
         c = jnp.einsum("...i,if->...f", c, gauss.astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
         c = 2.0 * np.pi * c
         return jnp.concatenate([jnp.sin(c), jnp.cos(c)], axis=-1)
+
+
+class PatchConv(nn.Module):
+    """Conv2d with kernel_size == stride and no padding (`nn.Conv(features, (k, k),
+    strides=k, padding="VALID")`: same parameters, names and init) on input already cut
+    into patches: x (..., k, k, I) -> (..., O), one matmul (..., k k I) @ (k k I, O).
+    XLA:CPU runs the strided convolution's weight gradient as a convolution with a
+    window the size of the image, several times slower than this matmul."""
+
+    features: int
+    kernel_size: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, x.shape[-1]
+        if x.shape[-3:-1] != (k, k):
+            raise ValueError(f"PatchConv({k}): x must be (..., {k}, {k}, I), got {x.shape}")
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jnp.dot(x.reshape(*x.shape[:-3], k * k * c), kernel.reshape(k * k * c, self.features))
+        return y + bias.astype(self.dtype)
 
 
 class PromptEncoder(nn.Module):
@@ -64,11 +92,11 @@ class PromptEncoder(nn.Module):
         self.not_a_point_embed = nn.Embed(1, c)
         self.no_mask_embed = nn.Embed(1, c)
         # indices follow the reference nn.Sequential (2 and 5 are GELUs)
-        self.mask_downscaling_0 = nn.Conv(mc // 4, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype)
+        self.mask_downscaling_0 = PatchConv(mc // 4, 2, self.dtype)
         self.mask_downscaling_1 = layer_norm_2d(None)
-        self.mask_downscaling_3 = nn.Conv(mc, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype)
+        self.mask_downscaling_3 = PatchConv(mc, 2, self.dtype)
         self.mask_downscaling_4 = layer_norm_2d(None)
-        self.mask_downscaling_6 = nn.Conv(c, (1, 1), dtype=self.dtype)
+        self.mask_downscaling_6 = PatchConv(c, 1, self.dtype)
 
     @staticmethod
     def _row(embed: nn.Embed) -> jax.Array:
@@ -87,10 +115,15 @@ class PromptEncoder(nn.Module):
         return pe + extra
 
     def embed_masks(self, masks: jax.Array) -> jax.Array:
-        """masks (B, 4h, 4w, 1) low-res logits -> (B, h, w, C) float32."""
-        x = gelu_erf(self.mask_downscaling_1(self.mask_downscaling_0(masks)))
-        x = gelu_erf(self.mask_downscaling_4(self.mask_downscaling_3(x)))
-        return self.mask_downscaling_6(x).astype(jnp.float32)
+        """masks (B, 4h, 4w, 1) low-res logits -> (B, h, w, C) float32.
+
+        The two stride-2 convs as `PatchConv`s on one rearrangement of the input: pixel
+        (4i + 2a + p, 4j + 2b + q) goes to [i, j, a, b, p, q], so the first conv's output
+        is (B, h, w, 2, 2, mask_in_chans / 4), already the second one's patches."""
+        x = einops.rearrange(masks, "n (h a p) (w b q) i -> n h w a b p q i", a=2, b=2, p=2, q=2)
+        x = gelu_erf(self.mask_downscaling_1(self.mask_downscaling_0(x)))  # (B, h, w, 2, 2, mc / 4)
+        x = gelu_erf(self.mask_downscaling_4(self.mask_downscaling_3(x)))  # (B, h, w, mc)
+        return self.mask_downscaling_6(x[..., None, None, :]).astype(jnp.float32)
 
     def no_mask(self) -> jax.Array:
         """(C,) the dense embedding used where there is no mask input."""

@@ -164,20 +164,27 @@ def _rollout(model, params, emb: jax.Array, first: FirstPrompt, next_point: Call
         iou = L.mask_iou(_at_grid(logits, grid), masks)
         return jnp.sum(jnp.where(valid, iou, 0.0)) / n_obj
 
-    # ---- round 0: each mask takes its head (3 masks for a lone point, 1 for a box); both
-    # heads run unless `heads` (static) says that every first prompt is of one kind
+    # ---- round 0: each mask takes its head (3 masks for a lone point, 1 for a box). Both
+    # heads come from one decoder run returning all 4 masks (they differ only in the masks
+    # read out), unless `heads` (static) says that every first prompt is of one kind
     coords, labels = _first_tokens(first, num_rounds)
     keys3 = ("loss_mask", "loss_dice", "loss_iou")
     is_box = first.is_box.reshape(b * m)
     per_obj, outputs, prev = {}, {}, None
+    if len(heads) == 2:
+        all_logits, all_iou = predict(coords, labels, None, None)  # (B, M, 4, L, L), (B, M, 4)
+        head_out = {"single": (all_logits[:, :, :1], all_iou[:, :, :1]),
+                    "multi": (all_logits[:, :, 1:], all_iou[:, :, 1:])}
+    else:
+        head_out = {h: predict(coords, labels, None, h == "multi") for h in heads}
     if "single" in heads:
-        single_logits, single_iou = predict(coords, labels, None, False)
+        single_logits, single_iou = head_out["single"]
         ls = losses(single_logits, single_iou)
         per_obj = {key: getattr(ls, key) for key in keys3}
         prev = single_logits[:, :, 0]
         outputs.update(first_single_logits=single_logits[:, :, 0], first_single_iou=single_iou[:, :, 0])
     if "multi" in heads:
-        multi_logits, multi_iou = predict(coords, labels, None, True)
+        multi_logits, multi_iou = head_out["multi"]
         lm = losses(multi_logits, multi_iou)
         per_obj = {key: jnp.where(is_box, per_obj[key], getattr(lm, key)) if per_obj else getattr(lm, key)
                    for key in keys3}

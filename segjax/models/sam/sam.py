@@ -124,7 +124,7 @@ class Sam(nn.Module):
 
     def predict_masks(self, image_embeddings: jax.Array, coords: jax.Array, labels: jax.Array,
                       mask_input: jax.Array | None = None, has_mask: jax.Array | None = None,
-                      multimask_output: bool = True) -> dict[str, jax.Array]:
+                      multimask_output: bool | None = True) -> dict[str, jax.Array]:
         """Masks for P prompts per image.
 
         image_embeddings: (B, h, w, C).
@@ -134,7 +134,9 @@ class Sam(nn.Module):
         mask_input: (B, P, 4h, 4w, 1) float32 low-res logits, or None.
         has_mask: (B, P) bool (False -> no_mask_embed), or None (all True when
           mask_input is given).
-        multimask_output: static; True -> masks 1..3, False -> mask 0.
+        multimask_output: static; True -> masks 1..3, False -> mask 0, None -> masks
+          0..3 (both outputs from one decoder run, as the training rollout's first round
+          needs them).
         Returns: dict(low_res_logits (B, P, M, 4h, 4w) float32, iou_predictions (B, P, M)).
         """
         b, h, w, c = image_embeddings.shape
