@@ -101,6 +101,24 @@ def test_all_masks_output_equals_the_two_outputs(tiny):
         assert np.abs(ref["low_res_logits"][:, :, 0] - ref["low_res_logits"][:, :, 1]).max() > 1e-2
 
 
+def test_fourier_matrix_gets_no_gradient(tiny):
+    """The random-Fourier matrix is a fixed buffer (segment_anything, sam2): exactly zero
+    gradient, while the rest of the prompt encoder does get one."""
+    model, variables = tiny
+    images, hw, coords, labels = _inputs()
+    emb = jax.jit(lambda v, x, hw: model.apply(v, x, hw, method=model.embed_image))(variables, images, hw)
+    mask_in = np.random.default_rng(5).normal(0, 4, (2, 3, 64, 64, 1)).astype(np.float32)
+
+    def loss(p):
+        out = model.apply({"params": p}, emb, coords, labels, mask_in, method=model.predict_masks)
+        return jnp.sum(out["low_res_logits"] ** 2) + jnp.sum(out["iou_predictions"])
+
+    g = jax.jit(jax.grad(loss))(variables["params"])["prompt_encoder"]
+    assert not np.asarray(g["pe_layer"]["positional_encoding_gaussian_matrix"]).any()
+    assert np.abs(np.asarray(g["mask_downscaling_0"]["kernel"])).max() > 0
+    assert np.abs(np.asarray(g["point_embeddings_1"]["embedding"])).max() > 0
+
+
 def test_mask_downscaling_equals_strided_convs(tiny):
     """The prompt encoder's mask net (`PatchConv`s on one rearrangement of the input)
     equals the reference's Conv2d(k2 s2) -> LayerNorm2d -> GELU -> Conv2d(k2 s2) ->
