@@ -33,6 +33,12 @@ printed with the figures. The torch worker runs with OMP_WAIT_POLICY=PASSIVE unl
 environment sets it (spinning OpenMP threads stall torch on a loaded CPU). CPU here; the
 same script runs on a GPU machine.
 
+Both workers keep freed host memory for reuse (`segjax.xla_flags.reuse_host_memory`,
+as the other CPU benchmarks' segjax workers do; the torch worker gets the same glibc
+settings): without it every step page-faults its multi-GB buffers in again.
+`--no-malloc-reuse` leaves malloc at its defaults in both; `--xla-preset` picks the
+segjax worker's XLA flags.
+
 Usage:
   python benchmarks/sam_train.py                               # ViT-B at 1024, 16 masks
   python benchmarks/sam_train.py --schedule alternate --steps 1 --decoder-only
@@ -102,6 +108,9 @@ def _official(args):
 
 def segjax_worker(args):
     """The segjax step, compiled: returns ({mode: step function -> loss}, info dict)."""
+    from segjax.xla_flags import setup_cpu
+
+    setup_cpu(args.xla_preset, host_memory=args.malloc_reuse)  # before the backend starts
     import jax
     import jax.numpy as jnp
     import optax
@@ -195,6 +204,11 @@ def _groups(keys: list) -> dict:
 def torch_worker(args):
     """The reference step: returns (step function -> loss, info dict)."""
     from functools import partial
+
+    if args.malloc_reuse:  # the same glibc settings as the segjax worker's
+        from segjax.xla_flags import reuse_host_memory
+
+        reuse_host_memory()
 
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -383,6 +397,9 @@ def main(argv=None) -> None:
                    help="segjax training switches (same numbers): recompute the mask decoder's / the image "
                         "encoder blocks' activations in the backward pass")
     p.add_argument("--decoder-only", action="store_true")
+    p.add_argument("--xla-preset", default="default", help="segjax.xla_flags preset of the segjax worker")
+    p.add_argument("--no-malloc-reuse", dest="malloc_reuse", action="store_false",
+                   help="leave glibc malloc at its defaults in both workers (see segjax.xla_flags)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--worker", choices=("segjax", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
