@@ -7,6 +7,10 @@ Each part runs in its own worker process (peak RSS is attributable):
   full       `MaskRCNN.losses` value_and_grad + an SGD update (a train step without the
              optimizer's state), random images and three boxes / masks per image
   matmul     the matmul peak alone (also measured inside the two parts above)
+  attention  `rel_pos_attention` alone, forward + backward (`jax.grad` of a random
+             linear function of its output), at the backbone's grid: one global block
+             (B x N heads over all T tokens) and one windowed block (B * windows); the
+             analytic count is 3 x 2 x 2 Q S K per head (logits and value product)
 
 The matmul peak is measured in the same process and dtype as the step, interleaved
 with it: each repetition times one step, then the median of three --peak-n^2 x
@@ -27,6 +31,7 @@ CPU benchmarks do.
   python benchmarks/vitdet.py                       # ViT-B at 1024, batch 1, fp32
   python benchmarks/vitdet.py --model maskrcnn_vitdet_tiny --size 128 --reps 3
   python benchmarks/vitdet.py --parts backbone --dtype bfloat16 --remat
+  python benchmarks/vitdet.py --parts attention --reps 5
 
 Recorded figures (date, machine, command): benchmarks/README.md.
 """
@@ -34,6 +39,7 @@ Recorded figures (date, machine, command): benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -102,6 +108,38 @@ def _compile(jitted, *args):
     return compiled, secs, float((cost or {}).get("flops", float("nan"))), temp
 
 
+def _attention(args, m, mm, mm_args, flop_mm: float) -> dict:
+    """The global and the windowed `rel_pos_attention` of the backbone, fwd + bwd, each
+    against the interleaved matmul peak (see `_interleaved`)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from segjax.models.vit import rel_pos_attention
+
+    g, ws, n = args.size // m.vit_patch_size, m.vit_window_size, m.vit_num_heads
+    kd = m.vit_embed_dim // n
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, (b, h) in {"global": (args.batch, g), "window": (args.batch * math.ceil(g / ws) ** 2, ws)}.items():
+        q, k, v, cot = (jnp.asarray(rng.standard_normal((b, h * h, n, kd)), jnp.dtype(args.dtype)) for _ in range(4))
+        tabs = tuple(jnp.asarray(0.1 * rng.standard_normal((2 * h - 1, kd)), jnp.dtype(args.dtype)) for _ in range(2))
+
+        def grad(q, k, v, th, tw, h=h, cot=cot):
+            return jax.grad(lambda *a: jnp.sum(rel_pos_attention(*a, (h, h)).astype(jnp.float32) * cot),
+                            tuple(range(5)))(q, k, v, th, tw)
+        compiled, secs, _, temp = _compile(jax.jit(grad), q, k, v, *tabs)
+        flop = 3.0 * 2 * 2 * b * n * (h * h) ** 2 * kd
+        call = functools.partial(compiled, q, k, v, *tabs)
+        r = _interleaved(call, lambda: mm(*mm_args), flop_mm, args.reps)
+        r.update(compile_s=secs, xla_temp_mb=temp, analytic_gflop=flop / 1e9,
+                 step_s=statistics.median(r["step_s_all"]),
+                 analytic_frac_all=[flop / 1e9 / t / pk for t, pk in zip(r["step_s_all"], r["peak_gflops_all"])])
+        out[name] = r
+    out["peak_mb"] = _peak_mb()
+    return out
+
+
 def worker(args) -> dict:
     from segjax.xla_flags import setup_cpu
 
@@ -124,6 +162,8 @@ def worker(args) -> dict:
     if args.part == "matmul":
         times = [_seconds(lambda: mm(mm_a, mm_b)) for _ in range(1 + args.reps * 3)][1:]
         return {"gflops": flop_mm / statistics.median(times) / 1e9, "load": os.getloadavg()[0]}
+    if args.part == "attention":
+        return _attention(args, models.build(args.model), mm, (mm_a, mm_b), flop_mm)
     kw = {"dtype": jnp.dtype(args.dtype), "vit_remat": args.remat, "vit_img_size": args.size,
           "min_size": args.size, "max_size": args.size}
     model = models.build(args.model, **kw)
@@ -212,10 +252,12 @@ def main(argv=None) -> int:
     print("| part | step s | compile s | XLA temp MB | peak MB | matmul peak GFLOP/s | XLA GFLOP | "
           "XLA GFLOP/s (% peak) | ViT analytic GFLOP | ViT analytic GFLOP/s (% peak) | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for part in ("backbone", "full"):
-        if part not in res:
-            continue
-        r = res[part]
+    rows = [(part, res[part]) for part in ("backbone", "full") if part in res]
+    rows += [(f"attention {k} (fwd+bwd)", res["attention"][k]) for k in ("global", "window") if "attention" in res]
+    for part, r in rows:
+        if "xla_gflop" not in r:  # the attention parts: no XLA count (loops), peak MB of the worker
+            r = dict(r, xla_gflop=float("nan"), peak_mb=res["attention"]["peak_mb"],
+                     peak_gflops=statistics.median(r["peak_gflops_all"]))
         peak = r["peak_gflops"]
         xla, ana = r["xla_gflop"] / r["step_s"], r["analytic_gflop"] / r["step_s"]
         frac = statistics.median(r["analytic_frac_all"])  # each step against its own repetition's peak
