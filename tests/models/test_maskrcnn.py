@@ -198,6 +198,31 @@ def test_train_step_grads(tiny_grads):
     assert np.asarray(flat["backbone/body/conv1/kernel"]).any()  # tiny: trainable_layers=5
 
 
+@pytest.mark.parametrize("trainable_layers", [0, 3, 4])
+def test_frozen_prefix_loop_is_exact(trainable_layers):
+    """With several images, the frozen stem and stages run one image at a time in a loop
+    (so that XLA keeps the frozen stages' outputs, not their blocks' conv outputs): the
+    stage outputs and the trained params' gradients equal those of each image alone."""
+    from segjax.models.maskrcnn.backbone import ResNetBody
+
+    body = ResNetBody(depths=(1, 2, 1, 1), stem_width=8, width_per_group=8, trainable_layers=trainable_layers)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 48, 3))
+    params = body.init(jax.random.key(1), x[:1])["params"]
+    loss = lambda p, x: sum(jnp.sum(jnp.sin(o)) for o in body.apply({"params": p}, x))  # noqa: E731
+    prims = lambda x: {e.primitive.name for e in jax.make_jaxpr(loss)(params, x).eqns}  # noqa: E731
+    assert "scan" in prims(x) and "scan" not in prims(x[:1])
+    outs = body.apply({"params": params}, x)
+    alone = [body.apply({"params": params}, x[i:i + 1]) for i in range(2)]
+    for i, o in enumerate(outs):
+        np.testing.assert_allclose(o, jnp.concatenate([a[i] for a in alone]), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(loss)(params, x)
+    grads_ref = jax.tree_util.tree_map(jnp.add, jax.grad(loss)(params, x[:1]), jax.grad(loss)(params, x[1:]))
+    _assert_grads_close(grads, grads_ref)
+    frozen = [k for k in ("conv1", "layer1_0", "layer2_0", "layer3_0", "layer4_0")
+              if not any(np.asarray(g).any() for g in jax.tree_util.tree_leaves(grads[k]))]
+    assert len(frozen) == 5 - trainable_layers
+
+
 def test_backbone_remat_keeps_loss_and_grads(tiny):
     model, params, image, hw = tiny
     batch = _batch(image, hw)
@@ -245,10 +270,11 @@ def test_bucketed_mask_loss_chunks_are_exact():
     head = RoIHeads(num_classes=3, representation_size=16, mask_layers=(8, 8), mask_dim_reduced=8)
     params = head.init(jax.random.key(0), feats, rois, hw)["params"]
     params = {n: params[n] for n in ("mask_head", "mask_predictor")}
-    mask_fn = lambda p, f, x: head.apply({"params": p}, f, x, hw, method=RoIHeads.mask)  # noqa: E731
+    head_fn = lambda p, x: head.apply({"params": p}, x, method=RoIHeads.mask_from_pooled)  # noqa: E731
+    pool_fn = lambda f, x: head.apply({}, f, x, hw, method=RoIHeads.mask_pooled)  # noqa: E731
 
     def loss(p, f, buckets, chunk):
-        return bucketed_mask_loss(mask_fn, p, f, rois, labels, matched, valid, gt, buckets, chunk)
+        return bucketed_mask_loss(head_fn, p, pool_fn, f, rois, labels, matched, valid, gt, buckets, chunk)
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=(2, 3))
     value_all, grads_all = grad(params, feats, (r,), None)
     assert float(value_all) > 0 and float(jnp.abs(grads_all[1][0]).max()) > 0

@@ -212,6 +212,45 @@ class Bottleneck(nn.Module):
         return nn.relu(y + x)
 
 
+def _stem(x: jax.Array, stem_width: int, bn_eps: float, dtype) -> jax.Array:
+    """conv1 (7x7, s2) + bn1 + ReLU, created in the calling module. (B, H, W, 3) -> (B, H/2, W/2, stem)."""
+    x = conv(stem_width, 7, 2, 3, name="conv1", dtype=dtype)(x.astype(dtype))
+    return nn.relu(FrozenBatchNorm(bn_eps, name="bn1")(x))
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf like torch
+
+
+def _stage(x: jax.Array, i: int, depth: int, width_per_group: int, bn_eps: float, dtype,
+           block=Bottleneck) -> jax.Array:
+    """Stage i (0-based: torchvision's layer{i+1}) of `depth` blocks, created in the calling module."""
+    planes = (64, 128, 256, 512)[i]
+    for j in range(depth):
+        x = block(planes, stride=(1 if i == 0 else 2) if j == 0 else 1, width=planes * width_per_group // 64,
+                  downsample=j == 0, bn_eps=bn_eps, dtype=dtype, name=f"layer{i + 1}_{j}")(x)
+    return x
+
+
+class _FrozenPrefix(nn.Module):
+    """The stem, max pool and the first `stages` stages of `ResNetBody` (the same param
+    names), for one image at a time: returns the pooled stem output and each stage's."""
+
+    stages: int
+    depths: Sequence[int]
+    stem_width: int
+    width_per_group: int
+    bn_eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        outs = [_max_pool(_stem(x, self.stem_width, self.bn_eps, self.dtype))]
+        for i in range(self.stages):
+            outs.append(_stage(outs[-1], i, self.depths[i], self.width_per_group, self.bn_eps, self.dtype))
+        return outs
+
+
 class ResNetBody(nn.Module):
     """ResNet stem + 4 stages; returns the stage outputs C2..C5.
 
@@ -223,6 +262,15 @@ class ResNetBody(nn.Module):
       (its params must also be frozen in the optimizer: `frozen_patterns`).
     remat: recompute each trained block's inside in the backward pass
       (`nn.remat`): only block inputs are kept for it, at the cost of a second forward.
+
+    NOTE: with a batch of several images (and params already created), the frozen
+    prefix (stem + frozen stages) runs one image at a time in a loop (`lax.map`), the
+    same convolutions on the same values. The loop makes XLA write the frozen stages'
+    outputs to memory: inline, XLA:CPU fuses each block's elementwise tail (frozen
+    BatchNorm, residual add, ReLU) into every later consumer of the stage output,
+    including the backward pass's weight gradients, and so keeps all the blocks'
+    conv outputs alive instead of the stage output (4 buffers of C2's size for
+    ResNet-50's layer1, figures in benchmarks/README.md).
     """
 
     depths: Sequence[int] = (3, 4, 6, 3)
@@ -237,19 +285,26 @@ class ResNetBody(nn.Module):
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         """x: (B, H, W, 3) normalised image -> [C2 (B, H/4, W/4, 256), ..., C5 (B, H/32, W/32, 2048)]
         (channel counts for ResNet-50)."""
-        x = conv(self.stem_width, 7, 2, 3, name="conv1", dtype=self.dtype)(x.astype(self.dtype))
-        x = nn.relu(FrozenBatchNorm(self.bn_eps, name="bn1")(x))
-        if self.trainable_layers < 5:  # bn1 and conv1 are trained only with all 5 layers
-            x = jax.lax.stop_gradient(x)
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf like torch
-        outs = []
-        for i, (depth, planes) in enumerate(zip(self.depths, (64, 128, 256, 512))):
-            block = nn.remat(Bottleneck) if self.remat and 4 - i <= self.trainable_layers else Bottleneck
-            for j in range(depth):
-                x = block(planes, stride=(1 if i == 0 else 2) if j == 0 else 1,
-                               width=planes * self.width_per_group // 64, downsample=j == 0,
-                               bn_eps=self.bn_eps, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x)
-            if 4 - i > self.trainable_layers:  # stage i+1 is frozen, and so is all before it
-                x = jax.lax.stop_gradient(x)
+        frozen = 4 - self.trainable_layers  # frozen stages; the stem is frozen too unless all 5 train
+        sg = jax.lax.stop_gradient
+        if frozen >= 0 and x.shape[0] > 1 and not self.is_initializing():
+            prefix = _FrozenPrefix(frozen, tuple(self.depths), self.stem_width, self.width_per_group,
+                                   self.bn_eps, self.dtype)
+            names = {"conv1", "bn1"} | {f"layer{i + 1}_{j}" for i in range(frozen) for j in range(self.depths[i])}
+            params = sg({k: v for k, v in self.variables["params"].items() if k in names})
+            outs = jax.lax.map(lambda xi: [o[0] for o in prefix.apply({"params": params}, xi[None])], sg(x))
+            x, outs = outs[-1], outs[1:]
+        else:
+            x = _stem(x, self.stem_width, self.bn_eps, self.dtype)
+            if frozen >= 0:  # bn1 and conv1 are trained only with all 5 layers
+                x = sg(x)
+            x = _max_pool(x)
+            outs = []
+            for i in range(max(frozen, 0)):
+                x = sg(_stage(x, i, self.depths[i], self.width_per_group, self.bn_eps, self.dtype))
+                outs.append(x)
+        for i in range(len(outs), 4):
+            block = nn.remat(Bottleneck) if self.remat else Bottleneck
+            x = _stage(x, i, self.depths[i], self.width_per_group, self.bn_eps, self.dtype, block)
             outs.append(x)
         return outs

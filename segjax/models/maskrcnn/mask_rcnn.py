@@ -285,10 +285,10 @@ class MaskRCNN(nn.Module):
         # the head on zero RoIs: no work, but it binds the head (creating its parameters at init)
         self.roi_heads.mask(feats, mask_rois[:, :0], input_hw)
         unbound = self.roi_heads.clone(parent=None)
-        mask_fn = lambda p, f, r: unbound.apply({"params": p}, f, r, input_hw,  # noqa: E731
-                                                method=RoIHeads.mask)
+        head_fn = lambda p, x: unbound.apply({"params": p}, x, method=RoIHeads.mask_from_pooled)  # noqa: E731
+        pool_fn = lambda f, r: unbound.apply({}, f, r, input_hw, method=RoIHeads.mask_pooled)  # noqa: E731
         head_params = {n: self.roi_heads.variables["params"][n] for n in ("mask_head", "mask_predictor")}
-        loss_mask = bucketed_mask_loss(mask_fn, head_params, feats, mask_rois, labels, matched,
+        loss_mask = bucketed_mask_loss(head_fn, head_params, pool_fn, feats, mask_rois, labels, matched,
                                        s["mask_valid"], batch["masks"], buckets, self.mask_roi_chunk)
         m_mask = {"loss_mask": loss_mask}
         metrics.update(m_mask)
@@ -309,6 +309,14 @@ class MaskRCNN(nn.Module):
         total = l_rpn + l_roi
         metrics["loss"] = total
         return total, metrics
+
+
+# NOTE: XLA:CPU compiler options for train steps of these models (`compiler_options` of
+# the step's jit; train_loop passes them on CPU meshes only): the memory-optimized
+# scheduler. The default one starts independent work early (the RPN's and the box
+# head's backward before the mask head's, weight-gradient pads in the forward pass)
+# and plans a ~25% larger temporary buffer for the R50-FPN step (benchmarks/README.md).
+TRAIN_CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 def mask_buckets(slots: int, smallest: int = 8, factor: int = 2) -> tuple[int, ...]:

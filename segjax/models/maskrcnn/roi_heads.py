@@ -191,8 +191,17 @@ class RoIHeads(nn.Module):
 
     def mask(self, feats: list[jax.Array], boxes: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
         """boxes: (B, R, 4) -> mask logits (B, R, 2*pool, 2*pool, C) float32 (28x28 by default)."""
-        b, r = boxes.shape[:2]
-        x = self.mask_predictor(self.mask_head(self._pool(feats, boxes, image_hw, self.mask_pool_size)))
+        return self.mask_from_pooled(self.mask_pooled(feats, boxes, image_hw))
+
+    def mask_pooled(self, feats: list[jax.Array], boxes: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
+        """The mask head's RoI features (no parameters): boxes (B, R, 4) -> (B, R, pool, pool, F)."""
+        x = self._pool(feats, boxes, image_hw, self.mask_pool_size)
+        return x.reshape(*boxes.shape[:2], *x.shape[1:])
+
+    def mask_from_pooled(self, x: jax.Array) -> jax.Array:
+        """Mask logits (B, R, 2*pool, 2*pool, C) float32 of RoI features x (B, R, pool, pool, F)."""
+        b, r = x.shape[:2]
+        x = self.mask_predictor(self.mask_head(x.reshape(b * r, *x.shape[2:])))
         return x.reshape(b, r, *x.shape[1:])
 
     def __call__(self, feats, boxes, image_hw):
@@ -392,10 +401,10 @@ def _mask_loss_sum(mask_logits, rois, labels, matched_idx, valid, gt_masks) -> j
     return jnp.sum(jnp.where(valid, per_roi, 0.0))
 
 
-def bucketed_mask_loss(mask_fn: Callable[..., jax.Array], params: Any, feats: list[jax.Array], rois: jax.Array,
-                       labels: jax.Array, matched_idx: jax.Array, valid: jax.Array, gt_masks: jax.Array,
-                       buckets: Sequence[int], chunk: int | None = MASK_CHUNK) -> jax.Array:
-    """`maskrcnn_loss` of `mask_fn(params, feats, rois)` run on only the first k slots.
+def bucketed_mask_loss(head_fn: Callable[..., jax.Array], params: Any, pool_fn: Callable[..., jax.Array],
+                       feats: Any, rois: jax.Array, labels: jax.Array, matched_idx: jax.Array, valid: jax.Array,
+                       gt_masks: jax.Array, buckets: Sequence[int], chunk: int | None = MASK_CHUNK) -> jax.Array:
+    """`maskrcnn_loss` of `head_fn(params, pool_fn(feats, rois))` run on only the first k slots.
 
     The valid slots must come first in every image (`select_training_samples` puts the
     positives first); k is the smallest of the static `buckets` (ascending, the last
@@ -409,15 +418,18 @@ def bucketed_mask_loss(mask_fn: Callable[..., jax.Array], params: Any, feats: li
     through `lax.switch` would instead make every branch return zero-filled copies of
     the other branches' residuals (hundreds of MB for the largest bucket).
 
-    A bucket larger than `chunk` slots (a multiple of it) runs the head and its
-    gradient `chunk` slots per image at a time (`lax.scan`, summing the losses and
-    gradients), so that the activations alive at once are those of `chunk` slots:
-    XLA plans memory for every branch, and the largest bucket's 256 RoIs (2 images)
-    of 28x28x256 activations would otherwise set the train step's peak even when a
-    small bucket runs. None: every bucket in one piece.
+    A bucket larger than `chunk` slots (a multiple of it) pools and runs the head
+    `chunk` slots per image at a time (`lax.scan`, summing the losses and the params'
+    gradients, stacking the RoI features' gradients), then takes the pooling's
+    gradient w.r.t. feats once for the bucket: the activations alive at once are
+    those of `chunk` slots, plus the bucket's RoI-feature gradient (XLA plans memory
+    for every branch, and the largest bucket's 256 RoIs (2 images) of 28x28x256
+    activations would otherwise set the train step's peak even when a small bucket
+    runs). None: every bucket in one piece.
 
-    mask_fn(params, feats, rois (B, k, 4)) -> (B, k, h, w, C) logits; rois (B, R, 4);
-    labels, matched_idx (B, R) int; valid (B, R) bool; gt_masks (B, M, H, W) -> () loss.
+    head_fn(params, pooled (B, k, h, w, F)) -> (B, k, 28, 28, C) logits; pool_fn(feats,
+    rois (B, k, 4)) -> pooled, linear in feats; rois (B, R, 4); labels, matched_idx
+    (B, R) int; valid (B, R) bool; gt_masks (B, M, H, W) -> () loss.
     """
     buckets = tuple(buckets)
     if list(buckets) != sorted(buckets) or buckets[-1] != rois.shape[1]:
@@ -427,31 +439,36 @@ def bucketed_mask_loss(mask_fn: Callable[..., jax.Array], params: Any, feats: li
     rest = (rois, labels, matched_idx, valid, gt_masks)
 
     def loss_k(k, params, feats):
-        logits = mask_fn(params, feats, rois[:, :k])
+        logits = head_fn(params, pool_fn(feats, rois[:, :k]))
         return maskrcnn_loss(logits, rois[:, :k], labels[:, :k], matched_idx[:, :k], valid[:, :k], gt_masks)[0]
 
     @jax.custom_vjp
     def loss(params, feats, *_):
         return jax.lax.switch(index, [functools.partial(loss_k, k) for k in buckets], params, feats)
 
-    def chunk_loss(n, params, feats, r, lab, mi, v):  # the loss terms of some slots
-        return _mask_loss_sum(mask_fn(params, feats, r), r, lab, mi, v, gt_masks) / n
+    def chunk_loss(n, params, pooled, r, lab, mi, v):  # the loss terms of some slots
+        return _mask_loss_sum(head_fn(params, pooled), r, lab, mi, v, gt_masks) / n
 
     def loss_fwd(params, feats, *_):
         def value_and_grads(k, params, feats):
             n = _count(valid[:, :k])
             args = (rois[:, :k], labels[:, :k], matched_idx[:, :k], valid[:, :k])
             if chunk is None or k <= chunk or k % chunk:
-                value, vjp = jax.vjp(lambda p, f: chunk_loss(n, p, f, *args), params, feats)
+                value, vjp = jax.vjp(lambda p, f: chunk_loss(n, p, pool_fn(f, args[0]), *args), params, feats)
                 return value, vjp(jnp.ones_like(value))
 
             def step(acc, xs):  # one chunk of slots of every image: its loss and gradients
-                value, vjp = jax.vjp(lambda p, f: chunk_loss(n, p, f, *xs), params, feats)
-                return jax.tree_util.tree_map(jnp.add, acc, (value, vjp(jnp.ones_like(value)))), None
+                value, vjp = jax.vjp(lambda p, x: chunk_loss(n, p, x, *xs), params, pool_fn(feats, xs[0]))
+                g_params, g_pooled = vjp(jnp.ones_like(value))
+                return jax.tree_util.tree_map(jnp.add, acc, (value, g_params)), g_pooled
 
             split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], k // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, (n, (params, feats)))
-            return jax.lax.scan(step, zeros, tuple(split(a) for a in args))[0]
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, (n, params))
+            (value, g_params), g_pooled = jax.lax.scan(step, zeros, tuple(split(a) for a in args))
+            g_pooled = jnp.moveaxis(g_pooled, 0, 1)  # (B, k / chunk, chunk, h, w, F)
+            _, pool_vjp = jax.vjp(lambda f: pool_fn(f, args[0]), feats)
+            (g_feats,) = pool_vjp(g_pooled.reshape(g_pooled.shape[0], k, *g_pooled.shape[3:]))
+            return value, (g_params, g_feats)
         return jax.lax.switch(index, [functools.partial(value_and_grads, k) for k in buckets], params, feats)
 
     def loss_bwd(grads, g):
