@@ -57,7 +57,6 @@ import time
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TAG = "@@bench "
 SIZE = 800  # --size overrides (a quick smoke run: --size 320 --iters 1)
-MEMORY_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
 def _image():
@@ -134,7 +133,7 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
     import optax
 
     from segjax.models.maskrcnn.backbone import frozen_patterns
-    from segjax.models.maskrcnn.mask_rcnn import mask_rcnn_loss, prepare_image
+    from segjax.models.maskrcnn.mask_rcnn import TRAIN_CPU_COMPILER_OPTIONS, mask_rcnn_loss, prepare_image
     from segjax.optim import trainable_mask
 
     prepped = [prepare_image(im, model.min_size, model.max_size, model.size_divisible) for im in images]
@@ -149,7 +148,8 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
                                 "frozen": optax.set_to_zero()}, labels_tree)
     p0 = jax.device_put(params)
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    # the compiler options train_loop gives this model's step on CPU
+    @functools.partial(jax.jit, donate_argnums=(0,), compiler_options=TRAIN_CPU_COMPILER_OPTIONS)
     def step(state, batch, rng):
         p, o = state
         (loss, _), g = jax.value_and_grad(lambda q: mask_rcnn_loss(model, q, batch, rng), has_aux=True)(p)
@@ -206,11 +206,6 @@ class SegjaxSide:
     def __init__(self, phase: str, args):
         from segjax.xla_flags import setup_cpu
 
-        # NOTE: XLA:CPU's default scheduler starts independent work early (the RPN's and
-        # the box head's backward before the mask head, the weight-gradient pads in the
-        # forward pass), which keeps more buffers alive at once; the memory-optimized one
-        # plans a smaller temporary buffer for the train step (benchmarks/README.md).
-        os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), MEMORY_SCHEDULER]))
         setup_cpu()  # XLA:CPU preset + host-memory reuse, before the backend starts
         import jax
         import jax.numpy as jnp
@@ -218,6 +213,7 @@ class SegjaxSide:
 
         from segjax import models
         from segjax.convert import maskrcnn as conv
+        from segjax.train_loop import compile_ahead
 
         self.jax, self.jnp, self.phase, self.res = jax, jnp, phase, {}
         with np.load(args.weights) as sd:
@@ -241,9 +237,10 @@ class SegjaxSide:
         self.state0 = jax.block_until_ready(self.state0)
         self.reset()
         t = time.perf_counter()
+        # as train_loop's first step: compile, hand the memory compiling freed back, run
+        compile_ahead(self.step, self.state, self.batch, jax.random.key(0))
         self.call()
         self.res["compile_s"] = time.perf_counter() - t
-        _release_freed_memory()
 
     def reset(self):  # every timed step starts from the initial weights (see the module doc)
         if self.phase == "train":

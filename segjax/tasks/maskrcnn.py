@@ -39,10 +39,11 @@ from segjax.data.pipeline import EvalLoader, Loader
 from segjax.data.source import resolve_data_dir
 from segjax.evaluators import coco as coco_eval
 from segjax.evaluators import visualize
-from segjax.models.maskrcnn.mask_rcnn import MaskRCNN, rescale_boxes
+from segjax.models.maskrcnn.mask_rcnn import TRAIN_CPU_COMPILER_OPTIONS, MaskRCNN, rescale_boxes
 from segjax.tasks import common
 
 RNG_STREAMS = ("sampling", "dropout")  # dropout: ViTDet drop path
+CPU_COMPILER_OPTIONS = TRAIN_CPU_COMPILER_OPTIONS  # the train step's, on CPU meshes (train_loop)
 # What the model reads from a batch (the rest stays on the host).
 MODEL_KEYS = ("image", "image_hw", "boxes", "labels", "masks", "valid")
 
