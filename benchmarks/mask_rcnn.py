@@ -206,7 +206,11 @@ class SegjaxSide:
     def __init__(self, phase: str, args):
         from segjax.xla_flags import setup_cpu
 
-        setup_cpu()  # XLA:CPU preset + host-memory reuse, before the backend starts
+        # NOTE: the train worker keeps glibc's default malloc, as train.py does: with the
+        # host-memory reuse, the state copy of each reset lands in the freed temporary
+        # buffer of the last step, and the next step's buffer goes above it (peak RSS
+        # +1.4 GB from the second step on, benchmarks/README.md).
+        setup_cpu(host_memory=phase != "train")  # before the backend starts
         import jax
         import jax.numpy as jnp
         import numpy as np
