@@ -26,10 +26,12 @@ _F32 = jnp.float32
 # - the keys arrive transposed (kt, (B, m, K, L)) and the backward pass works on the
 #   transposed logits (L, Q), so every large product is a plain row-major matmul; the
 #   query-major backward needed two (L, Q) transposes per block before its dk / dv dots;
-# - the position terms are products and sums over K written out in the layout of the
-#   logits they are added to, not batched dots (whose batch-major output was transposed
-#   element by element inside the large softmax loops); XLA then fuses them into the
-#   logits matmul;
+# - the position terms are dots (einsums). NOTE: written as broadcast products summed
+#   over K they were faster, but XLA:CPU's YNNPACK fusion (jaxlib 0.10.2, default
+#   flags) miscompiles that product-and-reduce under jit for some shapes (e.g. B = 1,
+#   2 heads, 4 x 4 rows, K = 32: relative error > 1), which broke the tiny SAM's
+#   parity; tests/ops/test_rel_pos_attention.py checks the jitted kernel over a shape
+#   sweep;
 # - the rel-pos gradient over the key rows is a tree of halving adds (`_sum_leading`):
 #   XLA:CPU's reduce over a leading axis with a long contiguous inner extent ran ~20x
 #   slower than the same adds.
@@ -52,7 +54,7 @@ def _logits(qc: jax.Array, rhq: jax.Array, rw: jax.Array, kt: jax.Array) -> jax.
     s = jnp.einsum("bnqk,bnks->bnqs", (qc * scale).reshape(b, m, r * w, kd), kt).astype(_F32)
     q32 = qc.astype(_F32)
     rel_h = jnp.einsum("bnrwk,ryk->bnrwy", q32, rhq.astype(_F32))  # (B, m, r, w, h)
-    rel_w = jnp.sum(q32[:, :, :, :, None, :] * rw.astype(_F32), -1)  # (B, m, r, w, w)
+    rel_w = jnp.einsum("bnrwk,wxk->bnrwx", q32, rw.astype(_F32))  # (B, m, r, w, w)
     s = (s.reshape(b, m, r * w, h, w) + rel_h.reshape(b, m, r * w, h, 1)
          + rel_w.reshape(b, m, r * w, 1, w))
     return s.reshape(b, m, r * w, h * w)
@@ -65,9 +67,9 @@ def _logits_t(qc: jax.Array, rhq: jax.Array, rw: jax.Array, kt: jax.Array) -> ja
     scale = jnp.asarray(kd ** -0.5, qc.dtype)
     k = jnp.swapaxes(kt, -1, -2)  # (B, m, L, K)
     st = jnp.einsum("bnsk,bnqk->bnsq", k, (qc * scale).reshape(b, m, r * w, kd)).astype(_F32)
-    q32 = qc.astype(_F32)[:, :, None]  # (B, m, 1, r, w, K)
-    rel_h = jnp.sum(q32 * jnp.swapaxes(rhq, 0, 1).astype(_F32)[:, :, None, :], -1)  # (B, m, h, r, w)
-    rel_w = jnp.sum(q32 * jnp.swapaxes(rw, 0, 1).astype(_F32)[:, None, :, :], -1)  # (B, m, w, r, w)
+    q32 = qc.astype(_F32)
+    rel_h = jnp.einsum("bnrwk,ryk->bnyrw", q32, rhq.astype(_F32))  # (B, m, h, r, w)
+    rel_w = jnp.einsum("bnrwk,wxk->bnxrw", q32, rw.astype(_F32))  # (B, m, w, r, w)
     st = (st.reshape(b, m, h, w, r * w) + rel_h.reshape(b, m, h, 1, r * w)
           + rel_w.reshape(b, m, 1, w, r * w))
     return st.reshape(b, m, h * w, r * w)

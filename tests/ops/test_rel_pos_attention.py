@@ -103,3 +103,42 @@ def test_attend_block_is_the_plain_softmax_of_one_block():
     out = attend_block(qc, rh, rw, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))  # keys as (B, N, K, L)
     want = _plain(q, k, v, rel_h, rel_w, (4, 5)).reshape(2, 4, 5, 3, 8).transpose(0, 3, 1, 2, 4)
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-6)
+
+
+def _numpy_reference(q, k, v, rel_pos_h, rel_pos_w, hw):
+    """The forward pass in float64 numpy (no XLA): what the jitted kernels must equal."""
+    h, w = hw
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    b, length, n, kd = q.shape
+    rh = np.asarray(get_rel_pos(h, h, rel_pos_h), np.float64)
+    rw = np.asarray(get_rel_pos(w, w, rel_pos_w), np.float64)
+    grid = q.reshape(b, h, w, n, kd)
+    logits = np.einsum("blnk,bsnk->bnls", q * kd ** -0.5, k).reshape(b, n, h, w, h, w)
+    logits += np.einsum("byxnk,yhk->bnyxh", grid, rh)[..., :, None]
+    logits += np.einsum("byxnk,xwk->bnyxw", grid, rw)[..., None, :]
+    logits = logits.reshape(b, n, length, length)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bnls,bsnk->blnk", probs, v)
+
+
+# (b, n, h, w, kd): one image and few heads are the shapes XLA:CPU's YNNPACK fusion
+# miscompiled when the position terms were broadcast products summed over K
+@pytest.mark.parametrize("shape", [(1, 2, 4, 4, 32), (1, 2, 16, 16, 32), (1, 4, 8, 8, 16), (1, 1, 14, 14, 64),
+                                   (2, 2, 16, 16, 32), (1, 12, 4, 16, 64), (1, 2, 7, 5, 16)])
+def test_jitted_forward_equals_numpy_over_shapes(shape):
+    b, n, h, w, kd = shape
+    rng = np.random.default_rng(sum(shape))
+    q, k, v = (jnp.asarray(rng.normal(size=(b, h * w, n, kd)), jnp.float32) for _ in range(3))
+    rel_h, rel_w = (jnp.asarray(0.5 * rng.normal(size=(2 * s - 1, kd)), jnp.float32) for s in (h, w))
+    want = _numpy_reference(q, k, v, rel_h, rel_w, (h, w))
+    for chunk in (None, 4 * h * w * 4):  # all heads in one block; one head over row blocks
+        got = jax.jit(lambda *a, c=chunk: rel_pos_attention(*a, (h, w), chunk_bytes=c))(q, k, v, rel_h, rel_w)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=str(chunk))
+    if b == 1 and h * w <= 64:  # and the backward pass of such a shape
+        args, argnums = (q, k, v, rel_h, rel_w), tuple(range(5))
+        cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+        ref = jax.grad(lambda *a: jnp.sum(_plain(*a, (h, w)) * cot), argnums)(*args)
+        got = jax.jit(jax.grad(lambda *a: jnp.sum(rel_pos_attention(*a, (h, w)) * cot), argnums))(*args)
+        for name, g, r in zip(("q", "k", "v", "rel_pos_h", "rel_pos_w"), got, ref):
+            np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
