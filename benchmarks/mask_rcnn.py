@@ -19,8 +19,7 @@ stay alive and take turns: the parent asks for one timed call at a time, alterna
 which framework goes first in each round (segjax, torchvision, torchvision, segjax,
 ...), so that the two sides run under the same background load on a shared machine;
 a waiting worker blocks on its pipe and uses no CPU. Both use all CPUs (the same
-thread count); the torchvision worker runs with OMP_WAIT_POLICY=PASSIVE unless the
-environment sets it, as in sam_train.py.
+thread count).
 
 Usage:
   python benchmarks/mask_rcnn.py [--iters 3] [--skip-torch] [--skip-train] [--skip-infer]
@@ -315,12 +314,7 @@ def _phase(phase: str, sides: list[str], args, weights: str, env, logdir: str) -
     call per side (the first round is the warm-up), the side that goes first alternating."""
     workers = {}
     for name in sides:  # set up (and compile) one at a time: the other's setup is not load
-        side_env = dict(env)
-        if name == "torch":
-            # OpenMP threads that spin-wait for descheduled peers stall torch on a machine
-            # with more runnable threads than cores (an explicit OMP_WAIT_POLICY wins)
-            side_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        workers[name] = _Worker(name, phase, args, weights, side_env, logdir)
+        workers[name] = _Worker(name, phase, args, weights, env, logdir)
         workers[name].ask()
     times = {name: [] for name in sides}
     loads = []
