@@ -407,15 +407,14 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     rows = h if heads > 1 else _largest_divisor(h, chunk_bytes // (b * w * length * 4))
     groups, blocks = n // heads, h // rows
 
-    def group(qg, ktg, vg):  # (C, B, m, r, w, K), (B, m, K, L), (B, m, L, K) -> (C, B, m, r, w, K)
+    def group(qg, kg, vg):  # (C, B, m, r, w, K), (B, m, L, K) x 2 -> (C, B, m, r, w, K)
         rhc = rh.reshape(blocks, rows, h, kd)
         if blocks == 1:
-            return attend_block(qg[0], rhc[0], rw, ktg, vg)[None]
-        return jax.lax.map(lambda a: attend_block(a[0], a[1], rw, ktg, vg), (qg, rhc))
+            return attend_block(qg[0], rhc[0], rw, kg, vg)[None]
+        return jax.lax.map(lambda a: attend_block(a[0], a[1], rw, kg, vg), (qg, rhc))
 
     qg = einops.rearrange(q, "b (g m) (c r w) k -> g c b m r w k", m=heads, r=rows, w=w)
-    kg = einops.rearrange(k, "b (g m) s k -> g b m k s", m=heads)  # keys transposed once per group
-    vg = einops.rearrange(v, "b (g m) s k -> g b m s k", m=heads)
+    kg, vg = (einops.rearrange(t, "b (g m) s k -> g b m s k", m=heads) for t in (k, v))
     if groups == 1:
         out = group(qg[0], kg[0], vg[0])[None]
     else:

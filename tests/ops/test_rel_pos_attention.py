@@ -49,7 +49,7 @@ def test_gradients_equal_autodiff_of_plain_softmax(chunk):
 
 @pytest.mark.parametrize("chunk", [2**40, 7 * 5 * 35 * 4])
 def test_gradients_odd_grid_and_large_logits(chunk):
-    """An odd number of key rows (the rel-pos gradient's halving adds carry a remainder)
+    """An odd number of key rows (blocks of rows that do not divide evenly)
     and logits in the hundreds (the saved log-sum-exp must not overflow or underflow)."""
     (q, k, v, rel_h, rel_w), cot = _inputs(h=7, w=5, b=2, seed=4)
     args = (8.0 * q, 8.0 * k, v, 4.0 * rel_h, rel_w)
@@ -100,7 +100,7 @@ def test_attend_block_is_the_plain_softmax_of_one_block():
     q, k, v, rel_h, rel_w = args
     rh, rw = get_rel_pos(4, 4, rel_h), get_rel_pos(5, 5, rel_w)
     qc = q.reshape(2, 4, 5, 3, 8).transpose(0, 3, 1, 2, 4)  # (B, N, h, w, K): all rows in one block
-    out = attend_block(qc, rh, rw, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))  # keys as (B, N, K, L)
+    out = attend_block(qc, rh, rw, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     want = _plain(q, k, v, rel_h, rel_w, (4, 5)).reshape(2, 4, 5, 3, 8).transpose(0, 3, 1, 2, 4)
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-6)
 
@@ -122,8 +122,9 @@ def _numpy_reference(q, k, v, rel_pos_h, rel_pos_w, hw):
     return np.einsum("bnls,bsnk->blnk", probs, v)
 
 
-# (b, n, h, w, kd): one image and few heads are the shapes XLA:CPU's YNNPACK fusion
-# miscompiled when the position terms were broadcast products summed over K
+# (b, n, h, w, kd): one image and few heads are the shapes for which XLA:CPU's YNNPACK
+# fusion (jaxlib 0.10.2) miscompiled a variant of this kernel (b50a7cf: position terms as
+# broadcast products summed over K; relative error > 1)
 @pytest.mark.parametrize("shape", [(1, 2, 4, 4, 32), (1, 2, 16, 16, 32), (1, 4, 8, 8, 16), (1, 1, 14, 14, 64),
                                    (2, 2, 16, 16, 32), (1, 12, 4, 16, 64), (1, 2, 7, 5, 16)])
 def test_jitted_forward_equals_numpy_over_shapes(shape):
