@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from segjax.models.sam.image_encoder import layer_norm_2d
+from segjax.models.sam.prompt_encoder import TORCH_EMBED_INIT
 from segjax.models.sam.transformer import DenseParams, TwoWayTransformer
 from segjax.models.vit import gelu_erf
 
@@ -112,8 +113,9 @@ class MaskDecoder(nn.Module):
         n_masks = self.num_multimask_outputs + 1
         b, h, w, _ = image_embeddings.shape
         p = sparse.shape[1]
-        iou_token = nn.Embed(1, c, name="iou_token")(jnp.arange(1))  # (1, C)
-        mask_tokens = nn.Embed(n_masks, c, name="mask_tokens")(jnp.arange(n_masks))  # (M, C)
+        iou_token = nn.Embed(1, c, embedding_init=TORCH_EMBED_INIT, name="iou_token")(jnp.arange(1))  # (1, C)
+        mask_tokens = nn.Embed(n_masks, c, embedding_init=TORCH_EMBED_INIT, name="mask_tokens")(
+            jnp.arange(n_masks))  # (M, C)
         out_tokens = jnp.concatenate([iou_token, mask_tokens], axis=0).astype(jnp.float32)
         tokens = jnp.concatenate(
             [jnp.broadcast_to(out_tokens, (b, p, 1 + n_masks, c)), sparse.astype(jnp.float32)], axis=2)
