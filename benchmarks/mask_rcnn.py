@@ -109,14 +109,12 @@ def _release_freed_memory():
     """Returns the heap's free pages to the OS (glibc `malloc_trim`): what compiling and
     loading freed (the process keeps it otherwise, see `segjax.xla_flags`) would
     count in the peak RSS once the step's temporary buffer lands elsewhere."""
-    import ctypes
     import gc
 
+    from segjax.xla_flags import release_host_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_host_memory()
 
 
 def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):

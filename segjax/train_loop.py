@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from segjax import checkpoint, models, optim, runtime, sharding
+from segjax import checkpoint, models, optim, runtime, sharding, xla_flags
 from segjax import tasks as tasks_lib
 from segjax.convert import init_maps
 from segjax.metrics_writer import MetricWriter
@@ -420,12 +420,7 @@ def compile_ahead(fn, *args) -> None:
     first step's temporary buffers would come on top of it: about 0.8 GB of a Mask R-CNN
     R50-FPN train step's peak on XLA:CPU (benchmarks/README.md)."""
     fn.lower(*args).compile()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    xla_flags.release_host_memory()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

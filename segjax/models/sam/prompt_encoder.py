@@ -30,6 +30,7 @@ ABSENT = -10
 # torch's nn.Embedding init, N(0, 1): the prompt encoder's and mask decoder's token tables
 TORCH_EMBED_INIT = nn.initializers.normal(1.0)
 
+
 class PositionEmbeddingRandom(nn.Module):
     """Random-Fourier features (Tancik et al. 2020): coords in [0, 1]^2 (..., 2) ->
     (..., 2F) = [sin, cos](2 pi (2 coords - 1) G), G (2, F) ~ N(0, 1), fixed."""
