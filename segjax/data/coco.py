@@ -57,7 +57,7 @@ import tensorflow_datasets as tfds
 from pycocotools import mask as mask_utils
 
 from segjax.data.decode import decode_image
-from segjax.data.tfds_builder import LocalBuilder, image_record_features, prepare_once
+from segjax.data.tfds_builder import LocalBuilder, LocalDatasetInfo, image_record_features, prepare_once
 
 FILE_FORMAT = "array_record"
 BUILDER_NAME = "coco_format"
@@ -96,7 +96,7 @@ class CocoFormat(LocalBuilder):
         "1.0.0": "Images as stored bytes, XYXY boxes, RLE masks, contiguous labels."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="A local COCO-format instance-segmentation dataset (segjax.data.coco).",
             features=image_record_features({

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from segjax.data.tfds_builder import LocalBuilder, prepare_once
+from segjax.data.tfds_builder import LocalBuilder, LocalDatasetInfo, prepare_once
 
 NUM_CLASSES = 10
 NUM_TEST = 300
@@ -89,7 +89,7 @@ class Digits(LocalBuilder):
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Stratified 1497/300 train/test split, seed 0."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=(
                 "scikit-learn's load_digits (UCI optdigits test set): 8x8 greyscale "

@@ -52,7 +52,7 @@ from segjax.data import coco
 from segjax.data.coco import _skip as skip_record  # one logger-and-counter for every builder
 from segjax.data.coco import as_int
 from segjax.data.decode import decode_image
-from segjax.data.tfds_builder import LocalBuilder, image_record_features, prepare_once
+from segjax.data.tfds_builder import LocalBuilder, LocalDatasetInfo, image_record_features, prepare_once
 
 FILE_FORMAT = "array_record"
 BUILDER_NAME = "sa1b_format"
@@ -84,7 +84,7 @@ class Sa1bFormat(LocalBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         vector = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)  # noqa: E731
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="A local SA-1B-format mask dataset (segjax.data.sa1b).",
             features=image_record_features({

@@ -31,6 +31,20 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder):
         return epath.Path(inspect.getfile(cls))
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The `DatasetInfo` of segjax's local builders: never looked up on tfds's GCS bucket.
+
+    NOTE: tfds's `DatasetBuilder.__init__` calls `initialize_from_bucket` for every
+    dataset not prepared yet, and that creates an empty `tmp*tfds` directory under the
+    system's temporary directory before it finds that GCS is disabled, leaking one per
+    builder constructed (every `prepare_once`, every test). Local datasets are never
+    on the bucket, so this does nothing.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 @contextlib.contextmanager
 def file_lock(path: str) -> Iterator[None]:
     """Holds an exclusive flock on `path` (created if missing) for the block: one

@@ -114,3 +114,22 @@ def test_missing_dataset_error_names_dataset_and_dir(tmp_path):
     # Known to tfds, but not prepared here.
     with pytest.raises(FileNotFoundError, match=r"'mnist'.*not prepared.*" + str(tmp_path)):
         make_source("mnist", "train", tmp_path)
+
+
+@pytest.mark.parametrize("module, cls, config", [("digits", "Digits", None),
+                                                ("coco", "CocoFormat", "CocoFormatConfig"),
+                                                ("sa1b", "Sa1bFormat", "Sa1bFormatConfig")])
+def test_builders_leave_no_temporary_directory(tmp_path, monkeypatch, module, cls, config):
+    """Constructing a segjax builder for a dataset not prepared yet creates nothing in the
+    system's temporary directory (tfds's GCS lookup made an empty `tmp*tfds` per builder)."""
+    import importlib
+    import tempfile
+
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    mod = importlib.import_module(f"segjax.data.{module}")
+    kwargs = {"config": getattr(mod, config)(name="leak_check")} if config else {}
+    builder = getattr(mod, cls)(data_dir=str(tmp_path / "data"), **kwargs)
+    assert not builder.is_prepared()
+    assert os.listdir(temp_root) == []
