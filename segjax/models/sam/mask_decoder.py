@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.models.sam import init as torch_init
 from segjax.models.sam.image_encoder import layer_norm_2d
 from segjax.models.sam.prompt_encoder import TORCH_EMBED_INIT
 from segjax.models.sam.transformer import DenseParams, TwoWayTransformer
@@ -45,8 +46,9 @@ class PatchConvTranspose(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, c = self.kernel_size, x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        # NOTE: torch's ConvTranspose2d init (fan_in = O k k, segjax.models.sam.init)
+        kernel = self.param("kernel", torch_init.CONV_TRANSPOSE_KERNEL, (k, k, c, self.features))
+        bias = self.param("bias", torch_init.bias(k * k * self.features), (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         w = einops.rearrange(kernel, "p q c o -> c (p q o)")
         y = jnp.dot(x, w).reshape(*x.shape[:-1], k, k, self.features) + bias.astype(self.dtype)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.models.sam import init as torch_init
 from segjax.models.sam.image_encoder import layer_norm_2d
 from segjax.models.vit import gelu_erf
 
@@ -28,7 +29,7 @@ ABSENT = -10
 
 
 # torch's nn.Embedding init, N(0, 1): the prompt encoder's and mask decoder's token tables
-TORCH_EMBED_INIT = nn.initializers.normal(1.0)
+TORCH_EMBED_INIT = torch_init.EMBEDDING
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -55,7 +56,7 @@ class PositionEmbeddingRandom(nn.Module):
 
 class PatchConv(nn.Module):
     """Conv2d with kernel_size == stride and no padding (`nn.Conv(features, (k, k),
-    strides=k, padding="VALID")`: same parameters, names and init) on input already cut
+    strides=k, padding="VALID")`: same parameters and names; torch's Conv2d init) on input already cut
     into patches: x (..., k, k, I) -> (..., O), one matmul (..., k k I) @ (k k I, O).
     XLA:CPU runs the strided convolution's weight gradient as a convolution with a
     window the size of the image, several times slower than this matmul."""
@@ -69,8 +70,9 @@ class PatchConv(nn.Module):
         k, c = self.kernel_size, x.shape[-1]
         if x.shape[-3:-1] != (k, k):
             raise ValueError(f"PatchConv({k}): x must be (..., {k}, {k}, I), got {x.shape}")
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, c, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        # NOTE: torch's Conv2d init (segjax.models.sam.init), not flax's nn.Conv default
+        kernel = self.param("kernel", torch_init.KERNEL, (k, k, c, self.features))
+        bias = self.param("bias", torch_init.bias(k * k * c), (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = jnp.dot(x.reshape(*x.shape[:-3], k * k * c), kernel.reshape(k * k * c, self.features))
         return y + bias.astype(self.dtype)

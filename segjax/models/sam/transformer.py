@@ -40,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.models.sam import init as torch_init
+
 Dtype = Any
 
 
@@ -50,15 +52,16 @@ def decoder_layer_norm(name: str, eps: float) -> nn.LayerNorm:
 
 class DenseParams(nn.Module):
     """The parameters of an `nn.Dense(features)` over inputs of width `in_dim` (same
-    names, shapes and init), returned unapplied: kernel (in_dim, features), bias
+    names and shapes; torch's nn.Linear init), returned unapplied: kernel (in_dim, features), bias
     (features,)."""
 
     features: int
 
     @nn.compact
     def __call__(self, in_dim: int) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_dim, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        # NOTE: torch's nn.Linear init (segjax.models.sam.init), not flax's nn.Dense default
+        kernel = self.param("kernel", torch_init.KERNEL, (in_dim, self.features))
+        bias = self.param("bias", torch_init.bias(in_dim), (self.features,))
         return kernel, bias
 
 
@@ -325,8 +328,11 @@ class MLPBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.relu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="lin1")(x))
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="lin2")(y)
+        c = x.shape[-1]
+        y = nn.relu(nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=torch_init.KERNEL,
+                             bias_init=torch_init.bias(c), name="lin1")(x))
+        return nn.Dense(c, dtype=self.dtype, kernel_init=torch_init.KERNEL, bias_init=torch_init.bias(self.mlp_dim),
+                        name="lin2")(y)
 
 
 class TwoWayAttentionBlock(nn.Module):
