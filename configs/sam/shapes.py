@@ -24,10 +24,11 @@ init; `:mae_init` keeps the same recipe so that only the initialisation differs)
     segment_anything's modules do (segjax/models/sam/init.py).
   - The plateau: every run first predicts empty masks (all logits below 0) for ~150-200
     steps. It is not a saturated sigmoid (logits stay within +-3, their std ~1): the
-    model has not yet learned to localise (foreground and background logits differ by
-    ~0.1 at step 100), and focal : dice = 20 : 1 over few foreground pixels pulls a
-    mask that does not depend on the prompt below 0. torch's init and 2 heads shorten
-    it a little; a higher lr (3e-3) did not (benchmarks/README.md).
+    decoder first fits a mask that does not depend on the prompt, pulled below 0 by
+    focal : dice = 20 : 1 over few foreground pixels; the image encoder's gradient then
+    collapses ~20-100x, and foreground and background logits still differ by only ~0.1
+    at step 100. torch's init did not shorten it, 2 decoder heads by ~20-40 steps, a
+    higher lr (3e-3, 8 heads) not at all (benchmarks/README.md).
   - lr 2e-3 (was 1e-3): in 200-step A/B runs the train loss after the plateau fell
     faster (8.9 against 9.8 at step 200, benchmarks/README.md).
 
