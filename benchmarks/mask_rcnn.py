@@ -24,11 +24,14 @@ thread count).
 Usage:
   python benchmarks/mask_rcnn.py [--iters 3] [--skip-torch] [--skip-train] [--skip-infer]
 
-NOTE: every timed train step starts from the initial weights and optimizer state
-(restored untimed, on both sides): with lr 0.02 these random weights diverge within a
-step or two (NaN loss), so timing a carried-over state would time a diverged network.
-Like torchvision's one model object with its saved initial state, the segjax train
-worker holds the initial state and the state being stepped (the step donates it).
+NOTE: every timed train step starts from the initial weights and a fresh optimizer
+state (restored untimed, on both sides): with lr 0.02 these random weights diverge
+within a step or two (NaN loss), so timing a carried-over state would time a diverged
+network. Both workers hold the same between steps: torchvision's worker its model and
+the saved initial state dict (its SGD creates the momentum buffers in the step, and
+restoring the optimizer's initial, empty state drops them); the segjax worker the
+initial params and the state being stepped (params and SGD momentum, zeros, made at
+each reset; the step donates it).
 
 Recorded figures, with date, machine and command: benchmarks/README.md.
 
@@ -122,8 +125,9 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
     SGD (momentum 0.9, weight decay 1e-4), torchvision's frozen parameters frozen.
 
     images: list of uint8 HWC arrays; boxes / labels / masks: per-image lists (`_targets`).
-    Returns (batch, state (params, opt_state), step): step(state, batch, rng) ->
-    (state, loss), jitted, donating state.
+    Returns (batch, params, opt_init, step): opt_init(params) -> a fresh optimizer state
+    (SGD's momentum, zeros); step(state, batch, rng) -> (state, loss), jitted, donating
+    state = (params, opt_state).
     """
     import jax
     import jax.numpy as jnp
@@ -154,7 +158,7 @@ def segjax_train_step(model, params, images, boxes, labels, masks, lr: float):
         upd, o = tx.update(g, o, p)
         return (optax.apply_updates(p, upd), o), loss
 
-    return batch, (p0, tx.init(p0)), step
+    return batch, p0, tx.init, step
 
 
 # ----------------------------------------------------------------------------- workers
@@ -233,10 +237,10 @@ class SegjaxSide:
             _release_freed_memory()
             return
         boxes, labels, masks = _targets(2)
-        self.batch, self.state0, self.step = segjax_train_step(model, params, [self.img, self.img[:, ::-1]],
-                                                               boxes, labels, masks, 0.02)
+        self.batch, self.params0, self.opt_init, self.step = segjax_train_step(
+            model, params, [self.img, self.img[:, ::-1]], boxes, labels, masks, 0.02)
         del params
-        self.state0 = jax.block_until_ready(self.state0)
+        self.params0 = jax.block_until_ready(self.params0)
         self.reset()
         t = time.perf_counter()
         # as train_loop's first step: compile, hand the memory compiling freed back, run
@@ -247,7 +251,8 @@ class SegjaxSide:
     def reset(self):  # every timed step starts from the initial weights (see the module doc)
         if self.phase == "train":
             self.state = None  # the donated buffers of the previous step are gone already
-            self.state = self.jax.block_until_ready(self.jax.tree_util.tree_map(self.jnp.copy, self.state0))
+            params = self.jax.tree_util.tree_map(self.jnp.copy, self.params0)
+            self.state = self.jax.block_until_ready((params, self.opt_init(params)))
 
     def call(self):
         if self.phase == "infer":
