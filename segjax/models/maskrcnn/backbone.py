@@ -251,6 +251,76 @@ class _FrozenPrefix(nn.Module):
         return outs
 
 
+class _TrainedStages(nn.Module):
+    """Stages `first`..3 of `ResNetBody` (the same param names): x -> their outputs."""
+
+    first: int
+    depths: Sequence[int]
+    width_per_group: int
+    bn_eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        outs = []
+        for i in range(self.first, 4):
+            x = _stage(x, i, self.depths[i], self.width_per_group, self.bn_eps, self.dtype)
+            outs.append(x)
+        return outs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def recompute_per_image(fn, params, x, need_dx=True):
+    """`fn(params, x)`, its backward pass recomputing the forward one image at a time.
+
+    fn: (params, (B, ...) batch) -> pytree of (B, ...) arrays, each image's outputs a
+    function of that image alone. The forward pass keeps only `params` and `x` for the
+    backward one, which runs a loop (`lax.scan`) over the images: each recomputes its
+    forward and takes its vjp; parameter gradients are summed over the images. Values
+    are `fn`'s; gradients equal up to float rounding (the sum over images is ordered).
+    need_dx: False when x needs no gradient (zeros are returned for it).
+
+    NOTE: on XLA:CPU `jax.checkpoint` recomputes nothing: the optimization barriers
+    are dropped before common-subexpression elimination, which merges the recompute
+    back into the forward pass, so every intermediate stays alive until the backward
+    pass. A recompute inside a loop body is a different computation, which CSE
+    cannot merge (figures in benchmarks/README.md).
+    """
+    return _map_images(fn, params, x)
+
+
+def _map_images(fn, params, x):
+    """`fn(params, x)` one image at a time (`lax.map`): XLA then writes the outputs to
+    memory instead of fusing their elementwise tails into every consumer."""
+    return jax.lax.map(lambda xi: jax.tree_util.tree_map(lambda o: o[0], fn(params, xi[None])), x)
+
+
+def _recompute_fwd(fn, params, x, need_dx):
+    return _map_images(fn, params, x), (params, x)
+
+
+def _recompute_bwd(fn, need_dx, res, g):
+    params, x = res
+
+    def one(acc, xs):
+        xi, gi = xs
+        gi = jax.tree_util.tree_map(lambda a: a[None], gi)
+        if need_dx:
+            _, vjp = jax.vjp(lambda p, xx: fn(p, xx[None]), params, xi)
+            dp, dx = vjp(gi)
+        else:
+            _, vjp = jax.vjp(lambda p: fn(p, xi[None]), params)
+            (dp,), dx = vjp(gi), None
+        return jax.tree_util.tree_map(jnp.add, acc, dp), dx
+
+    acc = jax.tree_util.tree_map(jnp.zeros_like, params)
+    dp, dx = jax.lax.scan(one, acc, (x, g))
+    return dp, dx if need_dx else jnp.zeros_like(x)
+
+
+recompute_per_image.defvjp(_recompute_fwd, _recompute_bwd)
+
+
 class ResNetBody(nn.Module):
     """ResNet stem + 4 stages; returns the stage outputs C2..C5.
 
@@ -260,8 +330,12 @@ class ResNetBody(nn.Module):
     trainable_layers: stages trained counting from the last (torchvision default 3);
       the frozen prefix runs under `stop_gradient` so no backward is spent on it
       (its params must also be frozen in the optimizer: `frozen_patterns`).
-    remat: recompute each trained block's inside in the backward pass
-      (`nn.remat`): only block inputs are kept for it, at the cost of a second forward.
+    remat: recompute the trained stages in the backward pass, at the cost of a second
+      forward of them. With several images (and params already created) the trained
+      stages run one image at a time, and their backward pass recomputes each image's
+      forward in a loop (`recompute_per_image`): only the first trained stage's input
+      and the stage outputs are kept, which works on XLA:CPU too; with one image
+      each trained block is an `nn.remat` (kept only where XLA keeps the recompute).
 
     NOTE: with a batch of several images (and params already created), the frozen
     prefix (stem + frozen stages) runs one image at a time in a loop (`lax.map`), the
@@ -292,7 +366,7 @@ class ResNetBody(nn.Module):
                                    self.bn_eps, self.dtype)
             names = {"conv1", "bn1"} | {f"layer{i + 1}_{j}" for i in range(frozen) for j in range(self.depths[i])}
             params = sg({k: v for k, v in self.variables["params"].items() if k in names})
-            outs = jax.lax.map(lambda xi: [o[0] for o in prefix.apply({"params": params}, xi[None])], sg(x))
+            outs = _map_images(lambda p, xb: prefix.apply({"params": p}, xb), params, sg(x))
             x, outs = outs[-1], outs[1:]
         else:
             x = _stem(x, self.stem_width, self.bn_eps, self.dtype)
@@ -303,6 +377,13 @@ class ResNetBody(nn.Module):
             for i in range(max(frozen, 0)):
                 x = sg(_stage(x, i, self.depths[i], self.width_per_group, self.bn_eps, self.dtype))
                 outs.append(x)
+        if self.remat and x.shape[0] > 1 and not self.is_initializing() and len(outs) < 4:
+            first = len(outs)
+            trained = _TrainedStages(first, tuple(self.depths), self.width_per_group, self.bn_eps, self.dtype)
+            names = {f"layer{i + 1}_{j}" for i in range(first, 4) for j in range(self.depths[i])}
+            params = {k: v for k, v in self.variables["params"].items() if k in names}
+            fn = lambda p, xb: trained.apply({"params": p}, xb)  # noqa: E731
+            return outs + recompute_per_image(fn, params, x, frozen < 0)
         for i in range(len(outs), 4):
             block = nn.remat(Bottleneck) if self.remat else Bottleneck
             x = _stage(x, i, self.depths[i], self.width_per_group, self.bn_eps, self.dtype, block)

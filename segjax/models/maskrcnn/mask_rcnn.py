@@ -106,7 +106,9 @@ class MaskRCNN(nn.Module):
     width_per_group: int = 64
     bn_eps: float = 0.0  # legacy COCO weights: 0; v2 / fresh torchvision models: 1e-5
     trainable_layers: int = 3
-    backbone_remat: bool = False  # recompute the trained ResNet blocks in the backward pass
+    # recompute the trained ResNet stages in the backward pass, one image at a time
+    # (ResNetBody.remat): the step's memory at or below torchvision's (benchmarks/README.md)
+    backbone_remat: bool = True
     fpn_channels: int = 256
     head_norm: bool = False  # v2: BatchNorm in FPN, box and mask heads
     head_bn_eps: float = 1e-5
