@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from segjax.models.sam import init as torch_init
-from segjax.models.sam.image_encoder import layer_norm_2d
+from segjax.models.sam.layer_norm import LayerNorm
+from segjax.models.sam.prompt_broadcast import broadcast_prompts
 from segjax.models.sam.prompt_encoder import TORCH_EMBED_INIT
 from segjax.models.sam.transformer import DenseParams, TwoWayTransformer
 from segjax.models.vit import gelu_erf
@@ -125,8 +126,8 @@ class MaskDecoder(nn.Module):
 
         if dense.ndim == 1:  # no mask input: one image tensor shared by the prompts (P = 1)
             src = (image_embeddings + dense)[:, None]
-        else:
-            src = image_embeddings[:, None] + dense  # (B, P, h, w, C)
+        else:  # (B, P, h, w, C); the embedding's gradient summed over P by halving adds
+            src = broadcast_prompts(image_embeddings[:, None], p) + dense
         src = src.astype(jnp.float32).reshape(b, src.shape[1], h * w, c)
         pos = image_pe.astype(jnp.float32).reshape(1, 1, h * w, c)
         # only the masks asked for: 1..3 with multimask_output, 0 without, all with None. The
@@ -146,7 +147,7 @@ class MaskDecoder(nn.Module):
         hyper_in = jnp.stack([mlp(hypernetworks[i], hs[:, :, 1 + j], dt) for j, i in enumerate(sel)], axis=2)
         hyper_in = hyper_in.reshape(b * p, len(sel), c // 8)  # (B*P, M', C/8)
         up0 = PatchConvTranspose(c // 4, 2, dt, blocked=True, name="output_upscaling_0")
-        ln = layer_norm_2d("output_upscaling_1")
+        ln = LayerNorm(1e-6, name="output_upscaling_1")  # LayerNorm2d on the blocked NHWC layout
         up3 = PatchConvTranspose(c // 8, 2, dt, blocked=True, name="output_upscaling_3")
 
         x = gelu_erf(ln(up0(src.reshape(b * p, h, w, c))))

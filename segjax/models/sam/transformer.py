@@ -41,13 +41,15 @@ import jax
 import jax.numpy as jnp
 
 from segjax.models.sam import init as torch_init
+from segjax.models.sam.layer_norm import LayerNorm
+from segjax.models.sam.prompt_broadcast import broadcast_prompts
 
 Dtype = Any
 
 
-def decoder_layer_norm(name: str, eps: float) -> nn.LayerNorm:
-    """torch nn.LayerNorm in float32 (two-pass variance)."""
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
+def decoder_layer_norm(name: str, eps: float) -> LayerNorm:
+    """torch nn.LayerNorm in float32 (two-pass variance; `segjax.models.sam.layer_norm`)."""
+    return LayerNorm(eps, name=name)
 
 
 class DenseParams(nn.Module):
@@ -143,7 +145,9 @@ def softmax_divide_late(logits: jax.Array, axis: int, product: Callable[[jax.Arr
     (Tq Tk or L N Tq): XLA:CPU would otherwise write the normalised probabilities once
     more, in the layout the product reads them in.
     """
-    e = jnp.exp(logits - logits.max(axis, keepdims=True))
+    # the max only keeps exp in range: softmax does not depend on it, so no gradient
+    # through it (exactly zero in exact arithmetic; as jax.nn.softmax)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis, keepdims=True)))
     return (product(e.astype(dtype)) / jnp.moveaxis(e.sum(axis, keepdims=True), axis, -1)).astype(dtype)
 
 
@@ -368,7 +372,8 @@ class TwoWayAttentionBlock(nn.Module):
         queries = decoder_layer_norm("norm3", self.ln_eps)(queries)
 
         q, k = queries + query_pe, keys + key_pe
-        keys = keys + Attention(n, r, dt, name="cross_attn_image_to_token")(k, q, queries, token_mask)
+        update = Attention(n, r, dt, name="cross_attn_image_to_token")(k, q, queries, token_mask)
+        keys = broadcast_prompts(keys, update.shape[1]) + update  # per prompt from here on
         keys = decoder_layer_norm("norm4", self.ln_eps)(keys)
         return queries, keys
 
