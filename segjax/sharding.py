@@ -10,6 +10,8 @@ their `embed` axis over `fsdp`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 from typing import Any, Sequence
@@ -119,6 +121,46 @@ def batch_divisor(mesh: Mesh, rules: Rules) -> int:
         return 1
     axes = (spec,) if isinstance(spec, str) else spec
     return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+_BATCH_SHARDS = contextvars.ContextVar("segjax_batch_shards", default=1)
+
+
+@contextlib.contextmanager
+def batch_shards(n: int):
+    """Declares, while a step is traced inside the block, that the batch axis of its
+    inputs is split into `n` contiguous shards (`batch_divisor`: one per device that
+    holds a slice of the batch).
+
+    Model code that loops over the images of a batch (`lax.map`, `lax.scan`) reads it
+    through `current_batch_shards` and loops over each shard's images instead, so that
+    every device runs its own images: a loop over a sharded axis makes XLA gather the
+    whole batch onto every device (each device then computes every image).
+    """
+    token = _BATCH_SHARDS.set(int(n))
+    try:
+        yield
+    finally:
+        _BATCH_SHARDS.reset(token)
+
+
+def current_batch_shards(batch_size: int) -> int:
+    """The number of batch shards declared by `batch_shards` (1 outside it, or when it
+    does not divide `batch_size`)."""
+    n = _BATCH_SHARDS.get()
+    return n if n > 1 and batch_size % n == 0 else 1
+
+
+def shard_major(x: jax.Array, n: int) -> jax.Array:
+    """(B, ...) -> (B / n, n, ...): row j holds the j-th image of each of the `n`
+    contiguous batch shards, so a loop over the leading axis runs every shard's images
+    on its own device (the sharded axis is the second one)."""
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def shard_major_inverse(y: jax.Array) -> jax.Array:
+    """The inverse of `shard_major`: (B / n, n, ...) -> (B, ...)."""
+    return y.swapaxes(0, 1).reshape(-1, *y.shape[2:])
 
 
 def global_batch_from_local(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict:

@@ -197,6 +197,7 @@ class Trainer:
         self.state_shardings = {"params": self.param_shardings, "opt_state": self.opt_shardings,
                                 "step": rep, "rng": rep}
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.batch_shards = sharding.batch_divisor(self.mesh, self.rules)
         self.abstract_params = abstract_params
         self.abstract_opt = abstract_opt
 
@@ -226,7 +227,7 @@ class Trainer:
             def loss_fn(params):
                 return task.loss_fn(model, params, batch, rngs, train=True, config=config)
 
-            with nn.logical_axis_rules(self.rules):
+            with nn.logical_axis_rules(self.rules), sharding.batch_shards(self.batch_shards):
                 (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)

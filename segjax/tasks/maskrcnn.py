@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from segjax import models
+from segjax import models, sharding
 from segjax.data import coco, shapes
 from segjax.data import maskrcnn as maskrcnn_data
 from segjax.data.decode import decode_image
@@ -161,7 +161,8 @@ def _predict_fn(trainer):
     model = trainer.model
 
     def predict(params, image, image_hw):
-        out = model.apply({"params": params}, image, image_hw)
+        with sharding.batch_shards(trainer.batch_shards):
+            out = model.apply({"params": params}, image, image_hw)
         return {k: out[k] for k in ("boxes", "scores", "labels", "valid", "masks")}
 
     return jax.jit(predict, in_shardings=(trainer.param_shardings, trainer.batch_sharding,

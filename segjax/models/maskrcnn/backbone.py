@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax import sharding
+
 # Regex (of '/'-joined param paths) matching every frozen-BatchNorm tensor of the model.
 FROZEN_BN = r"(^|/)(bn\d*|downsample_1|\w+_bn)/(scale|bias|mean|var)$"
 
@@ -291,8 +293,12 @@ def recompute_per_image(fn, params, x, need_dx=True):
 
 def _map_images(fn, params, x):
     """`fn(params, x)` one image at a time (`lax.map`): XLA then writes the outputs to
-    memory instead of fusing their elementwise tails into every consumer."""
-    return jax.lax.map(lambda xi: jax.tree_util.tree_map(lambda o: o[0], fn(params, xi[None])), x)
+    memory instead of fusing their elementwise tails into every consumer. With the
+    batch split over devices (`sharding.batch_shards`), one image per device at a time:
+    each step of the loop takes the j-th image of every shard (`shard_major`)."""
+    n = sharding.current_batch_shards(x.shape[0])
+    out = jax.lax.map(lambda xi: fn(params, xi), sharding.shard_major(x, n))
+    return jax.tree_util.tree_map(sharding.shard_major_inverse, out)
 
 
 def _recompute_fwd(fn, params, x, need_dx):
@@ -302,20 +308,21 @@ def _recompute_fwd(fn, params, x, need_dx):
 def _recompute_bwd(fn, need_dx, res, g):
     params, x = res
 
+    n = sharding.current_batch_shards(x.shape[0])  # as in the forward pass (`_map_images`)
+
     def one(acc, xs):
         xi, gi = xs
-        gi = jax.tree_util.tree_map(lambda a: a[None], gi)
         if need_dx:
-            _, vjp = jax.vjp(lambda p, xx: fn(p, xx[None]), params, xi)
+            _, vjp = jax.vjp(fn, params, xi)
             dp, dx = vjp(gi)
         else:
-            _, vjp = jax.vjp(lambda p: fn(p, xi[None]), params)
+            _, vjp = jax.vjp(lambda p: fn(p, xi), params)
             (dp,), dx = vjp(gi), None
         return jax.tree_util.tree_map(jnp.add, acc, dp), dx
 
     acc = jax.tree_util.tree_map(jnp.zeros_like, params)
-    dp, dx = jax.lax.scan(one, acc, (x, g))
-    return dp, dx if need_dx else jnp.zeros_like(x)
+    dp, dx = jax.lax.scan(one, acc, jax.tree_util.tree_map(lambda a: sharding.shard_major(a, n), (x, g)))
+    return dp, sharding.shard_major_inverse(dx) if need_dx else jnp.zeros_like(x)
 
 
 recompute_per_image.defvjp(_recompute_fwd, _recompute_bwd)
