@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from segjax.models.sam import init as torch_init
 from segjax.models.sam.layer_norm import LayerNorm
 from segjax.models.sam.prompt_broadcast import broadcast_prompts
-from segjax.models.sam.prompt_encoder import TORCH_EMBED_INIT
 from segjax.models.sam.transformer import DenseParams, TwoWayTransformer
 from segjax.models.vit import gelu_erf
 
@@ -116,8 +115,8 @@ class MaskDecoder(nn.Module):
         n_masks = self.num_multimask_outputs + 1
         b, h, w, _ = image_embeddings.shape
         p = sparse.shape[1]
-        iou_token = nn.Embed(1, c, embedding_init=TORCH_EMBED_INIT, name="iou_token")(jnp.arange(1))  # (1, C)
-        mask_tokens = nn.Embed(n_masks, c, embedding_init=TORCH_EMBED_INIT, name="mask_tokens")(
+        iou_token = nn.Embed(1, c, embedding_init=torch_init.EMBEDDING, name="iou_token")(jnp.arange(1))  # (1, C)
+        mask_tokens = nn.Embed(n_masks, c, embedding_init=torch_init.EMBEDDING, name="mask_tokens")(
             jnp.arange(n_masks))  # (M, C)
         out_tokens = jnp.concatenate([iou_token, mask_tokens], axis=0).astype(jnp.float32)
         tokens = jnp.concatenate(

@@ -28,10 +28,6 @@ Dtype = Any
 ABSENT = -10
 
 
-# torch's nn.Embedding init, N(0, 1): the prompt encoder's and mask decoder's token tables
-TORCH_EMBED_INIT = torch_init.EMBEDDING
-
-
 class PositionEmbeddingRandom(nn.Module):
     """Random-Fourier features (Tancik et al. 2020): coords in [0, 1]^2 (..., 2) ->
     (..., 2F) = [sin, cos](2 pi (2 coords - 1) G), G (2, F) ~ N(0, 1), fixed."""
@@ -96,9 +92,10 @@ class PromptEncoder(nn.Module):
         self.pe_layer = PositionEmbeddingRandom(c // 2)
         # NOTE: N(0, 1) as torch's nn.Embedding (the reference's init for training from
         # scratch), not flax's default N(0, 1 / C)
-        self.point_embeddings = [nn.Embed(1, c, embedding_init=TORCH_EMBED_INIT) for _ in range(4)]  # neg, pos, TL, BR
-        self.not_a_point_embed = nn.Embed(1, c, embedding_init=TORCH_EMBED_INIT)
-        self.no_mask_embed = nn.Embed(1, c, embedding_init=TORCH_EMBED_INIT)
+        # neg, pos, TL, BR
+        self.point_embeddings = [nn.Embed(1, c, embedding_init=torch_init.EMBEDDING) for _ in range(4)]
+        self.not_a_point_embed = nn.Embed(1, c, embedding_init=torch_init.EMBEDDING)
+        self.no_mask_embed = nn.Embed(1, c, embedding_init=torch_init.EMBEDDING)
         # indices follow the reference nn.Sequential (2 and 5 are GELUs)
         self.mask_downscaling_0 = PatchConv(mc // 4, 2, self.dtype)
         self.mask_downscaling_1 = layer_norm_2d(None)
