@@ -28,6 +28,10 @@ with `benchmarks/mae_train_step.py --xla-preset a,b,...` on a 2-core AVX2 EPYC:
            on 2 (~8%).
   ynn_noreduce  YNNPACK dots but XLA's own reductions: cheaper LayerNorms, but
            slower overall in our runs.
+  noreduce the default YNNPACK fusions less `reduce` (dots and their epilogues
+           stay in YNNPACK): avoids the reduce-fusion faults of jaxlib 0.10.2
+           recorded in benchmarks/README.md (`vitdet.py`), but the ViT backbone's
+           softmax reductions then run as XLA loops: much slower there.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "onednn": ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_use_onednn=true",
                "--xla_cpu_experimental_onednn_fusion_type=dot"),
     "ynn_noreduce": ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution",),
+    "noreduce": ("--xla_cpu_experimental_ynn_fusion_type=-reduce",),
 }
 PRESETS["default"] = PRESETS["none"]
 
