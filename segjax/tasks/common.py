@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax import data, models
+from segjax import data, models, sharding
 from segjax.data import shapes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,8 +66,16 @@ def eval_batches(config, split: str, batch_size: int) -> Iterator[dict[str, np.n
 
 
 def run_eval(trainer, params, fn: Callable, split: str, batch_size: int) -> dict[str, float]:
-    """Sums `fn(params, batch) -> dict of per-example sums` over a split, globally."""
-    step = jax.jit(fn, in_shardings=(trainer.param_shardings, trainer.batch_sharding))
+    """Sums `fn(params, batch) -> dict of per-example sums` over a split, globally.
+
+    `fn` is traced with the batch's shard count declared (`sharding.batch_shards`), as
+    the train step is, so that a model's per-image loops stay on each device.
+    """
+    def traced(params, batch):
+        with sharding.batch_shards(trainer.batch_shards):
+            return fn(params, batch)
+
+    step = jax.jit(traced, in_shardings=(trainer.param_shardings, trainer.batch_sharding))
     totals: dict[str, float] = {}
     for batch in eval_batches(trainer.config, split, batch_size):
         out = jax.device_get(step(params, trainer.put_batch(batch)))

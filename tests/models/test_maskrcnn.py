@@ -409,3 +409,76 @@ def test_per_image_loops_stay_on_each_device(remat):
     # one device, the same per-device grouping (8 images per loop step; the batched
     # float32 gradients of this ResNet differ from per-image sums by more than rounding)
     _assert_grads_close(got, jax.jit(grad(8))(params, x))
+
+
+def _data_parallel(fn, args, sharded):
+    """{n: fn compiled with `sharding.batch_shards(n)` declared while it is traced and
+    args[i] batch-sharded over 8 devices where sharded[i] (replicated otherwise)}."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from segjax import sharding
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shardings = tuple(NamedSharding(mesh, P("data") if s else P()) for s in sharded)
+
+    def traced(n):
+        def f(*a):
+            with sharding.batch_shards(n):
+                return fn(*a)
+        return f
+
+    compiled = {n: jax.jit(traced(n), in_shardings=shardings).lower(*args).compile() for n in (1, 8)}
+    return compiled, traced, [jax.device_put(a, s) for a, s in zip(args, shardings)]
+
+
+def test_mask_target_loop_stays_on_each_device():
+    """`project_masks_on_boxes` under a batch sharded over 8 devices: each loop step
+    projects one chunk of every shard's own RoIs (chunks of the whole batch's RoIs made
+    XLA gather their boxes and gt masks onto every device), bit for bit the targets
+    of one device."""
+    rng = np.random.default_rng(0)
+    b, r, m, (h, w) = 8, 12, 3, (40, 56)
+    masks = jnp.asarray(rng.random((b, m, h, w)) > 0.5, jnp.uint8)
+    xy = rng.uniform(-10, 50, (b, r, 2))
+    boxes = jnp.asarray(np.concatenate([xy, xy + rng.uniform(0.5, 80, (b, r, 2))], -1), jnp.float32)
+    matched = jnp.asarray(rng.integers(0, m, (b, r)), jnp.int32)
+    fn = lambda *a: project_masks_on_boxes(*a, chunk=8)  # noqa: E731  12 RoIs a shard: 2 steps, padded
+    compiled, _, args = _data_parallel(fn, (masks, boxes, matched), (True, True, True))
+    assert compiled[1].as_text().count("all-gather(") > 0
+    assert compiled[8].as_text().count("all-gather(") == 0
+    np.testing.assert_array_equal(compiled[8](*args), jax.jit(fn)(masks, boxes, matched))
+
+
+def test_mask_loss_chunk_loop_stays_on_each_device():
+    """`bucketed_mask_loss`'s loop over chunks of slots (bucket 8 in chunks of 4) under a
+    batch sharded over 8 devices adds no all-gather: every device runs its own images'
+    slots (and projects their mask targets); loss and gradients equal one device's."""
+    from segjax.models.maskrcnn.roi_heads import RoIHeads, bucketed_mask_loss
+
+    rng = np.random.default_rng(0)
+    b, r, hw = 8, 8, (64, 64)
+    feats = [jnp.asarray(rng.standard_normal((b, hw[0] // s, hw[1] // s, 8)), jnp.float32) for s in (4, 8, 16, 32)]
+    xy = rng.uniform(0, 40, (b, r, 2))
+    rois = jnp.asarray(np.concatenate([xy, xy + rng.uniform(4, 24, (b, r, 2))], -1), jnp.float32)
+    valid = jnp.asarray(np.arange(r)[None] < rng.integers(1, r + 1, (b, 1)))  # positives first
+    labels = jnp.asarray(rng.integers(1, 3, (b, r)), jnp.int32)
+    matched = jnp.asarray(rng.integers(0, 2, (b, r)), jnp.int32)
+    gt = jnp.asarray(rng.uniform(size=(b, 2, *hw)) > 0.5)
+    head = RoIHeads(num_classes=3, representation_size=16, mask_layers=(8, 8), mask_dim_reduced=8)
+    params = head.init(jax.random.key(0), feats, rois, hw)["params"]
+    params = {n: params[n] for n in ("mask_head", "mask_predictor")}
+    head_fn = lambda p, x: head.apply({"params": p}, x, method=RoIHeads.mask_from_pooled)  # noqa: E731
+    pool_fn = lambda f, x: head.apply({}, f, x, hw, method=RoIHeads.mask_pooled)  # noqa: E731
+
+    def grad(p, f, *rest):
+        return jax.value_and_grad(lambda p, f: bucketed_mask_loss(head_fn, p, pool_fn, f, *rest, (8,), 4),
+                                  argnums=(0, 1))(p, f)
+
+    compiled, traced, args = _data_parallel(grad, (params, feats, rois, labels, matched, valid, gt),
+                                            (False,) + (True,) * 6)
+    assert compiled[8].as_text().count("all-gather(") == 0
+    value, grads = compiled[8](*args)
+    value_ref, grads_ref = jax.jit(traced(8))(params, feats, rois, labels, matched, valid, gt)
+    np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-6)
+    _assert_grads_close(grads, grads_ref)

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax import sharding
 from segjax.models.maskrcnn.backbone import FrozenBatchNorm, conv
 from segjax.models.maskrcnn.rpn import bce_with_logits, smooth_l1
 from segjax.ops import boxes as box_ops
@@ -353,27 +354,38 @@ def project_masks_on_boxes(gt_masks: jax.Array, boxes: jax.Array, matched_idx: j
     The taps are RoIAlign's own (`roi_align_weights`: A_y @ mask @ A_x^T with one matrix
     per axis), for exactly one mask per RoI, in chunks of `chunk` RoIs, so memory stays
     O(chunk * H * W) whatever M and the box sizes. Exact for every box, as roi_align.
+
+    The RoIs of the batch are chunked in image order; under a batch split over devices
+    (`sharding.batch_shards`) those of each shard are chunked on their own and a loop
+    step takes one chunk of every shard, so each device projects its own images' RoIs
+    (chunks of the whole batch's RoIs make XLA gather every chunk's boxes and masks onto
+    every device, which then projects all of them).
     gt_masks (B, M, H, W); boxes (B, R, 4); matched_idx (B, R) -> (B, R, size, size) float32.
     """
-    b, _, h, w = gt_masks.shape
-    n = b * boxes.shape[1]
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk  # padding RoIs: box 0, mask 0 of image 0, dropped below
+    b, m, h, w = gt_masks.shape
+    n = sharding.current_batch_shards(b)
+    per = b // n * boxes.shape[1]  # RoIs of a shard
+    chunk = max(1, min(chunk, per))
+    pad = (-per) % chunk  # padding RoIs: box 0, mask 0 of the shard's first image, dropped below
 
-    def chunks(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(-1, chunk, *x.shape[1:])
+    def chunks(x):  # (B, R, ...) -> (per / chunk, n, chunk, ...): step i, chunk i of every shard
+        x = x.reshape(n, per, *x.shape[2:])
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(n, -1, chunk, *x.shape[2:]), 1, 0)
 
-    def one(args):  # a chunk, not vmapped: roi_align_weights picks its window per chunk
-        bi, box, mi = args
-        a_y, a_x = roi_align_weights(box, (h, w), size)  # (chunk, size, H), (chunk, size, W)
-        mask = gt_masks[bi, mi].astype(jnp.float32)  # (chunk, H, W)
+    masks = gt_masks.reshape(n, b // n, m, h, w)
+
+    def one(args):  # a chunk of every shard, not vmapped: roi_align_weights picks its window per step
+        bi, box, mi = args  # (n, chunk) image in the shard, (n, chunk, 4), (n, chunk)
+        a_y, a_x = roi_align_weights(box.reshape(-1, 4), (h, w), size)  # (n chunk, size, H), (.., W)
+        mask = jax.vmap(lambda g, i, j: g[i, j])(masks, bi, mi).reshape(-1, h, w).astype(jnp.float32)
         hp = jax.lax.Precision.HIGHEST  # targets in fp32 on TPU too
-        return jnp.matmul(jnp.matmul(a_y, mask, precision=hp), jnp.swapaxes(a_x, 1, 2), precision=hp)
+        out = jnp.matmul(jnp.matmul(a_y, mask, precision=hp), jnp.swapaxes(a_x, 1, 2), precision=hp)
+        return out.reshape(n, chunk, size, size)
 
-    bidx = jnp.repeat(jnp.arange(b), boxes.shape[1])
-    out = jax.lax.map(one, (chunks(bidx), chunks(boxes.reshape(-1, 4)), chunks(matched_idx.reshape(-1))))
-    return out.reshape(-1, size, size)[:n].reshape(b, -1, size, size)
+    bidx = jnp.broadcast_to((jnp.arange(b) % (b // n))[:, None], boxes.shape[:2])
+    out = jax.lax.map(one, (chunks(bidx), chunks(boxes), chunks(matched_idx)))  # (per / chunk, n, chunk, ..)
+    return jnp.moveaxis(out, 0, 1).reshape(n, -1, size, size)[:, :per].reshape(b, -1, size, size)
 
 
 def maskrcnn_loss(mask_logits: jax.Array, rois: jax.Array, labels: jax.Array, matched_idx: jax.Array,
