@@ -482,3 +482,86 @@ def test_mask_loss_chunk_loop_stays_on_each_device():
     value_ref, grads_ref = jax.jit(traced(8))(params, feats, rois, labels, matched, valid, gt)
     np.testing.assert_allclose(float(value), float(value_ref), rtol=1e-6)
     _assert_grads_close(grads, grads_ref)
+
+
+def test_top_k_sorted_matches_lax_top_k():
+    """The sort form of top-k: the same values (bit for bit) and indices as `lax.top_k`,
+    with NaNs, signed zeros, infinities and ties (lower index first)."""
+    from segjax.models.maskrcnn.rpn import top_k_sorted
+
+    rng = np.random.default_rng(0)
+    specials = np.array([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1.0, -1.0, 1e-45, -1e-45], np.float32)
+    xs = [rng.choice(specials, (3, 40)), rng.integers(-2, 3, (2, 5, 33)).astype(np.float32),
+          rng.standard_normal((4, 257)).astype(np.float32)]
+    for x in xs:
+        for k in (1, 7, x.shape[-1]):
+            v, i = jax.jit(top_k_sorted, static_argnums=1)(x, k)
+            v_ref, i_ref = jax.lax.top_k(x, k)
+            np.testing.assert_array_equal(i, i_ref)
+            np.testing.assert_array_equal(np.asarray(v).view(np.int32), np.asarray(v_ref).view(np.int32))
+
+
+def test_rpn_top_k_stays_on_each_device():
+    """`filter_proposals`' per-level top-k and the RPN head's sparse backward under a
+    batch sharded over 8 devices: no all-gather (XLA's TopK gathers the batch onto every
+    device; the sort form stays on each), proposals bit for bit one device's, head
+    gradients equal one device's."""
+    from segjax.models.maskrcnn.rpn import _head_dense, filter_proposals, rpn_head_level
+
+    rng = np.random.default_rng(0)
+    b, sizes = 8, (600, 150, 40)
+    n = sum(sizes)
+    obj = jnp.asarray(rng.standard_normal((b, n)).round(1), jnp.float32)  # rounded: ties
+    xy = rng.uniform(0, 100, (b, n, 2))
+    props = jnp.asarray(np.concatenate([xy, xy + rng.uniform(1, 40, (b, n, 2))], -1), jnp.float32)
+    hw = jnp.asarray([[128, 160]] * b, jnp.int32)
+    fn = lambda o, p, hw: filter_proposals(o, p, sizes, hw, 100, 50)  # noqa: E731
+    compiled, _, args = _data_parallel(fn, (obj, props, hw), (True, True, True))
+    assert compiled[1].as_text().count("all-gather(") > 0  # lax.top_k on the sharded batch
+    assert compiled[8].as_text().count("all-gather(") == 0
+    got, ref = compiled[8](*args), jax.jit(fn)(obj, props, hw)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k])
+
+    f = jnp.asarray(rng.standard_normal((b, 12, 10, 8)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32)
+          for s in ((3, 3, 8, 8), (8,), (1, 1, 8, 3), (3,), (1, 1, 8, 12), (12,))]
+    mask = np.zeros((b, 12, 10, 1), bool)
+    for i in range(b):  # 16 nonzero positions per image: the sparse backward
+        mask[i].reshape(-1)[rng.choice(120, 16, replace=False)] = True
+    g_cls = jnp.where(mask, jnp.asarray(rng.standard_normal((b, 12, 10, 3)), jnp.float32), 0.0)
+    g_reg = jnp.where(mask, jnp.asarray(rng.standard_normal((b, 12, 10, 12)), jnp.float32), 0.0)
+
+    def grad(f, *ws):
+        loss = lambda *a: sum(jnp.sum(o * g) for o, g in zip(rpn_head_level(*a, 16), (g_cls, g_reg)))  # noqa: E731
+        return jax.grad(loss, argnums=tuple(range(7)))(f, *ws)
+
+    compiled, _, args = _data_parallel(grad, (f, *ws), (True,) + (False,) * 6)
+    assert "sort(" in compiled[8].as_text() and compiled[8].as_text().count("all-gather(") == 0
+    dense = jax.jit(jax.grad(lambda *a: sum(jnp.sum(o * g) for o, g in zip(_head_dense(*a), (g_cls, g_reg))),
+                             argnums=tuple(range(7))))(f, *ws)
+    for a, r in zip(compiled[8](*args), dense):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_train_loss_gradient_holds_no_all_gather(tiny):
+    """The tiny model's whole train-loss gradient under a batch of 8 sharded over 8
+    devices (`sharding.batch_shards(8)`, as train_loop declares it) holds no all-gather:
+    every per-image loop, RoI chunk loop and top-k stays on each device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from segjax import sharding
+
+    model, params, image, hw = tiny
+    batch = _batch(jnp.concatenate([image] * 4), jnp.concatenate([hw] * 4))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def grad(p, b, r):
+        with sharding.batch_shards(8):
+            return jax.value_and_grad(lambda p: mask_rcnn_loss(model, p, b, r), has_aux=True)(p)
+
+    compiled = jax.jit(grad, in_shardings=(rep, jax.tree.map(lambda _: dat, batch), rep)).lower(
+        params, batch, jax.random.key(1)).compile()
+    assert compiled.as_text().count("all-gather(") == 0

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax import sharding
 from segjax.models.maskrcnn.backbone import conv, conv2d
 from segjax.ops import boxes as box_ops
 from segjax.ops import matcher
@@ -35,6 +36,38 @@ from segjax.ops.nms import batched_nms
 
 BBOX_CLIP = math.log(1000.0 / 16)
 RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k` over the last axis of a batch-leading x (B, ..., N) float -> values, indices
+    (B, ..., k): the k largest in decreasing order, ties by lower index first.
+
+    With the batch split over devices (`sharding.batch_shards`) it runs the sort form
+    (`top_k_sorted`): XLA's SPMD partitioner does not split the TopK op over its batch
+    axes, so it all-gathers the batch and every device selects every image's top k,
+    while a sort over the last axis stays on each device. On one device `lax.top_k`
+    (on CPU a selection far cheaper than the full sort).
+    """
+    if sharding.current_batch_shards(x.shape[0]) > 1:
+        return top_k_sorted(x, k)
+    return jax.lax.top_k(x, k)
+
+
+def top_k_sorted(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(x, k)` as a sort: top_k(x) = sort by (-x, index)[:k] in float total order.
+
+    The key is XLA's TopK comparator (the float bits mapped to a signed int that orders
+    them totally: -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN), bitwise-negated to
+    sort descending; the sort is stable, so ties keep the lower index first, and NaNs,
+    signed zeros and ties land exactly where `lax.top_k` puts them. (One int key with
+    the positions as payload sorts faster than two keys or the values as a third operand.)
+    """
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    _, idx = jax.lax.sort((~key, iota), dimension=x.ndim - 1, num_keys=1, is_stable=True)
+    idx = idx[..., :k]
+    return jnp.take_along_axis(x, idx, axis=-1), idx
 
 
 def _head_dense(f, w0, b0, wc, bc, wr, br):
@@ -67,7 +100,7 @@ def _head_fwd(f, w0, b0, wc, bc, wr, br, max_locations):
 def _head_sparse_bwd(k, res, g_cls, g_reg, nz):
     f, w0, b0, wc, bc, wr, br = res
     b, h, w, c = f.shape
-    _, idx = jax.lax.top_k(nz.astype(jnp.float32), k)  # (B, K) positions, the nonzero ones first
+    _, idx = top_k(nz.astype(jnp.float32), k)  # (B, K) positions, the nonzero ones first
     ky, kx = np.divmod(np.arange(9), 3)
     taps = (idx // w)[..., None] * (w + 2) + (idx % w)[..., None] + (ky * (w + 2) + kx)  # (B, K, 9) in the padded map
     fp = jnp.pad(f, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, -1, c)  # (B, (H+2)(W+2), C)
@@ -171,7 +204,7 @@ def filter_proposals(objectness: jax.Array, proposals: jax.Array, level_sizes: S
     idx, lvl, off = [], [], 0
     for level, n in enumerate(level_sizes):
         k = min(pre_nms_top_n, n)
-        _, top = jax.lax.top_k(objectness[:, off:off + n], k)
+        _, top = top_k(objectness[:, off:off + n], k)
         idx.append(top + off)
         lvl.append(jnp.full((k,), level, jnp.int32))
         off += n
