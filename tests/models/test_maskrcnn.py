@@ -278,18 +278,18 @@ def test_mask_head_buckets_are_exact(tiny, tiny_grads):
     _assert_grads_close(grads, grads_all)
 
 
-def test_bucketed_mask_loss_chunks_are_exact():
-    """`bucketed_mask_loss` on a tiny mask head: the chosen bucket, run `chunk` slots per
-    image at a time, gives the loss and the gradients (w.r.t. the head and every pyramid
-    level) of the head on all slots in one piece."""
-    from segjax.models.maskrcnn.roi_heads import RoIHeads, bucketed_mask_loss
+def _tiny_mask_loss_inputs(b, r, valid_fn):
+    """A tiny mask head and random inputs for `bucketed_mask_loss` on 64 x 64 images:
+    (params, feats, rois, labels, matched, valid, gt, head_fn, pool_fn). valid_fn(rng) ->
+    (b, r) bool, drawn after the RoIs."""
+    from segjax.models.maskrcnn.roi_heads import RoIHeads
 
     rng = np.random.default_rng(0)
-    b, r, hw = 2, 16, (64, 64)
+    hw = (64, 64)
     feats = [jnp.asarray(rng.standard_normal((b, hw[0] // s, hw[1] // s, 8)), jnp.float32) for s in (4, 8, 16, 32)]
     xy = rng.uniform(0, 40, (b, r, 2))
     rois = jnp.asarray(np.concatenate([xy, xy + rng.uniform(4, 24, (b, r, 2))], -1), jnp.float32)
-    valid = jnp.asarray(np.arange(r)[None] < np.array([[3], [6]]))  # positives first, 6 at most
+    valid = jnp.asarray(valid_fn(rng))
     labels = jnp.asarray(rng.integers(1, 3, (b, r)), jnp.int32)
     matched = jnp.asarray(rng.integers(0, 2, (b, r)), jnp.int32)
     gt = jnp.asarray(rng.uniform(size=(b, 2, *hw)) > 0.5)
@@ -298,6 +298,18 @@ def test_bucketed_mask_loss_chunks_are_exact():
     params = {n: params[n] for n in ("mask_head", "mask_predictor")}
     head_fn = lambda p, x: head.apply({"params": p}, x, method=RoIHeads.mask_from_pooled)  # noqa: E731
     pool_fn = lambda f, x: head.apply({}, f, x, hw, method=RoIHeads.mask_pooled)  # noqa: E731
+    return params, feats, rois, labels, matched, valid, gt, head_fn, pool_fn
+
+
+def test_bucketed_mask_loss_chunks_are_exact():
+    """`bucketed_mask_loss` on a tiny mask head: the chosen bucket, run `chunk` slots per
+    image at a time, gives the loss and the gradients (w.r.t. the head and every pyramid
+    level) of the head on all slots in one piece."""
+    from segjax.models.maskrcnn.roi_heads import bucketed_mask_loss
+
+    r = 16
+    params, feats, rois, labels, matched, valid, gt, head_fn, pool_fn = _tiny_mask_loss_inputs(
+        2, r, lambda rng: np.arange(r)[None] < np.array([[3], [6]]))  # positives first, 6 at most
 
     def loss(p, f, buckets, chunk):
         return bucketed_mask_loss(head_fn, p, pool_fn, f, rois, labels, matched, valid, gt, buckets, chunk)
@@ -454,22 +466,11 @@ def test_mask_loss_chunk_loop_stays_on_each_device():
     """`bucketed_mask_loss`'s loop over chunks of slots (bucket 8 in chunks of 4) under a
     batch sharded over 8 devices adds no all-gather: every device runs its own images'
     slots (and projects their mask targets); loss and gradients equal one device's."""
-    from segjax.models.maskrcnn.roi_heads import RoIHeads, bucketed_mask_loss
+    from segjax.models.maskrcnn.roi_heads import bucketed_mask_loss
 
-    rng = np.random.default_rng(0)
-    b, r, hw = 8, 8, (64, 64)
-    feats = [jnp.asarray(rng.standard_normal((b, hw[0] // s, hw[1] // s, 8)), jnp.float32) for s in (4, 8, 16, 32)]
-    xy = rng.uniform(0, 40, (b, r, 2))
-    rois = jnp.asarray(np.concatenate([xy, xy + rng.uniform(4, 24, (b, r, 2))], -1), jnp.float32)
-    valid = jnp.asarray(np.arange(r)[None] < rng.integers(1, r + 1, (b, 1)))  # positives first
-    labels = jnp.asarray(rng.integers(1, 3, (b, r)), jnp.int32)
-    matched = jnp.asarray(rng.integers(0, 2, (b, r)), jnp.int32)
-    gt = jnp.asarray(rng.uniform(size=(b, 2, *hw)) > 0.5)
-    head = RoIHeads(num_classes=3, representation_size=16, mask_layers=(8, 8), mask_dim_reduced=8)
-    params = head.init(jax.random.key(0), feats, rois, hw)["params"]
-    params = {n: params[n] for n in ("mask_head", "mask_predictor")}
-    head_fn = lambda p, x: head.apply({"params": p}, x, method=RoIHeads.mask_from_pooled)  # noqa: E731
-    pool_fn = lambda f, x: head.apply({}, f, x, hw, method=RoIHeads.mask_pooled)  # noqa: E731
+    b, r = 8, 8
+    params, feats, rois, labels, matched, valid, gt, head_fn, pool_fn = _tiny_mask_loss_inputs(
+        b, r, lambda rng: np.arange(r)[None] < rng.integers(1, r + 1, (b, 1)))  # positives first
 
     def grad(p, f, *rest):
         return jax.value_and_grad(lambda p, f: bucketed_mask_loss(head_fn, p, pool_fn, f, *rest, (8,), 4),
