@@ -171,8 +171,9 @@ def _off_relu_kinks(tv, images, targets, rel: float = 1e-5) -> None:
 
     fcs = [m for m in tv.roi_heads.box_head.modules() if isinstance(m, torch.nn.Linear)]
     assert fcs, "the box head holds no fc layer"
+    seen = {}
     for _ in range(5):
-        seen = {}
+        seen.clear()
         hooks = [m.register_forward_hook(lambda mod, a, out: seen.__setitem__(mod, out.detach().clone()))
                  for m in fcs]
         samplers = tv.rpn.fg_bg_sampler, tv.roi_heads.fg_bg_sampler  # train_forward replaces them
