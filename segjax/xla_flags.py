@@ -29,9 +29,10 @@ with `benchmarks/mae_train_step.py --xla-preset a,b,...` on a 2-core AVX2 EPYC:
   ynn_noreduce  YNNPACK dots but XLA's own reductions: cheaper LayerNorms, but
            slower overall in our runs.
   noreduce the default YNNPACK fusions less `reduce` (dots and their epilogues
-           stay in YNNPACK): avoids the reduce-fusion faults of jaxlib 0.10.2
-           recorded in benchmarks/README.md (`vitdet.py`), but the ViT backbone's
-           softmax reductions then run as XLA loops: much slower there.
+           stay in YNNPACK): avoids the reduce-fusion miscompile of jaxlib 0.10.2
+           recorded in benchmarks/README.md (`vitdet.py`, fault 1: a broadcast
+           product summed over its last axis), but the ViT backbone's softmax
+           reductions then run as XLA loops: much slower there.
 """
 
 from __future__ import annotations
